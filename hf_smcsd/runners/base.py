@@ -1,0 +1,38 @@
+"""The interface between the SMC loop and a model backend.
+
+The loop (`hf_smcsd.smc`) sees a model only through these four calls. A runner owns its
+KV cache, its attention bookkeeping and its device; rows are particles, group-major
+(`prompt * N + particle`), and every call acts on all rows at once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..resampling import CopyPlan
+
+
+@runtime_checkable
+class Runner(Protocol):
+    vocab_size: int
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, particles: int) -> torch.Tensor:
+        """Run the prompts once (one row each, left padded), then give every prompt
+        `particles` rows that share its prompt cache. Returns the last position's logits,
+        `[prompts, vocab]`, float32, on the device of `input_ids`."""
+        ...
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` `[rows, k]` to every row; return logits for each of the k new
+        positions, `[rows, k, vocab]`, float32, on the device of `tokens`."""
+        ...
+
+    def reorder(self, plan: CopyPlan) -> None:
+        """Overwrite rows `plan.dest` with rows `plan.src` (the whole history of each)."""
+        ...
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (sorted indices), in that order; the rest leave the batch."""
+        ...

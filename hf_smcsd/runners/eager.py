@@ -1,0 +1,76 @@
+"""The eager runner: a transformers causal LM and its own dynamic KV cache.
+
+This is the reference backend: plain `model(...)` forwards, so it runs wherever the model
+runs (CPU, one GPU, an accelerate device map). The cache only grows: prefill once, expand
+to N rows per prompt, append K or K+1 tokens per call, overwrite dead rows on resampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .. import compat
+from ..resampling import CopyPlan
+
+
+class EagerRunner:
+    def __init__(self, model):
+        self.model = model
+        self.vocab_size = compat.output_vocab_size(model)
+        self.input_device = model.get_input_embeddings().weight.device
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in parameters
+        self._takes_logits_to_keep = "logits_to_keep" in parameters
+        self.cache = None
+        self.attention_mask: torch.Tensor | None = None  # [rows, cached length]
+        self.next_position: torch.Tensor | None = None  # [rows], position id of the next token
+
+    @torch.no_grad()
+    def _forward(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+        kwargs = dict(attention_mask=attention_mask, past_key_values=self.cache, use_cache=True)
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.cache = out.past_key_values
+        return out.logits[:, -keep:, :].float()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, particles: int) -> torch.Tensor:
+        out_device = input_ids.device
+        mask = attention_mask.to(self.input_device, torch.long)
+        # Left padding: positions count real tokens only (as transformers' generate() does).
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        self.cache = None
+        logits = self._forward(input_ids.to(self.input_device), mask, positions, keep=1)[:, -1]
+        # The prompt's KV is computed once, then shared by its N particles.
+        self.cache.batch_repeat_interleave(particles)
+        self.attention_mask = mask.repeat_interleave(particles, dim=0)
+        self.next_position = mask.sum(-1).repeat_interleave(particles, dim=0)
+        return logits.to(out_device)
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, k = tokens.shape
+        new = torch.ones(rows, k, dtype=self.attention_mask.dtype, device=self.input_device)
+        self.attention_mask = torch.cat([self.attention_mask, new], dim=1)
+        positions = self.next_position.unsqueeze(1) + torch.arange(k, device=self.input_device)
+        logits = self._forward(tokens.to(self.input_device), self.attention_mask, positions, keep=k)
+        self.next_position = self.next_position + k
+        return logits.to(tokens.device)
+
+    def reorder(self, plan: CopyPlan) -> None:
+        if len(plan) == 0:
+            return
+        dest = plan.dest.to(self.input_device)
+        src = plan.src.to(self.input_device)
+        compat.copy_cache_rows(self.cache, dest, src, total_rows=self.attention_mask.shape[0])
+        self.attention_mask[dest] = self.attention_mask[src]
+        self.next_position[dest] = self.next_position[src]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.input_device)
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]

@@ -1,0 +1,42 @@
+"""Tiny seeded causal LMs built from configs: for tests and the offline demo.
+
+Nothing is downloaded: the weights come from `torch.manual_seed(seed)` and the config.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+    eos_token_id: int | None = None,
+    max_position_embeddings: int = 512,
+) -> LlamaForCausalLM:
+    """A random Llama in eval mode. `initializer_range` controls how peaked its
+    next-token distributions are (0.02 is nearly uniform; 0.5+ gives confident models)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    return model

@@ -1,0 +1,78 @@
+"""Pure tensor math of SMC-SD: log-probabilities, sampling, weights, ESS, log Z.
+
+Nothing here knows about models or transformers. Log weights are float64 throughout: they
+are sums of many per-token log ratios and half precision would lose them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WEIGHT_DTYPE = torch.float64
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Normalised log-probabilities of `softmax(logits / temperature)`, in float32 or wider.
+
+    This is the cheap identity `log q(d) = s[d] - logsumexp(s)` with `s = logits / T`,
+    computed for the whole vocabulary at once.
+    """
+    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        scores = scores / temperature
+    return torch.log_softmax(scores, dim=-1)
+
+
+def sample(log_p: torch.Tensor) -> torch.Tensor:
+    """One token per row from `exp(log_p)` by the Gumbel-max trick (`argmax(log_p + G)`).
+
+    Equal in distribution to `torch.multinomial(exp(log_p), 1)`, but needs no
+    normalisation, handles `-inf` entries (never chosen) and draws from torch's global
+    generator, so `torch.manual_seed` makes it reproducible.
+    """
+    # -log(E) with E ~ Exp(1) is a standard Gumbel variable.
+    gumbel = -torch.empty_like(log_p, dtype=torch.float32).exponential_().log()
+    return torch.argmax(log_p + gumbel, dim=-1)
+
+
+def gather(log_p: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`log_p[..., tokens]` elementwise: the log-probability of each token at its position."""
+    return log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def power_log_probs(log_p: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The power-tempered distribution `p^alpha / Z` and `log Z` per row.
+
+    Sampling the bonus token from `p^alpha / Z` instead of `p^alpha` is corrected by the
+    weight factor `Z = sum_v p(v)^alpha` (`logZ_bonus` in the spec; exactly 1 at alpha=1).
+    """
+    if alpha == 1.0:
+        return log_p, torch.zeros(log_p.shape[:-1], dtype=log_p.dtype, device=log_p.device)
+    scaled = alpha * log_p
+    log_z = torch.logsumexp(scaled, dim=-1)
+    return scaled - log_z.unsqueeze(-1), log_z
+
+
+def normalized_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """`softmax(log_weights)` over the last axis (particles of a group).
+
+    A group whose weights are all `-inf` (every particle left the target's support) gets
+    uniform weights instead of NaN: there is no information left to prefer any particle.
+    """
+    dead = torch.isneginf(log_weights).all(dim=-1, keepdim=True)
+    safe = torch.where(dead, torch.zeros_like(log_weights), log_weights)
+    return torch.softmax(safe, dim=-1)
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    """`ESS = 1 / sum(w_bar^2)` per group; N for equal weights, 1 for a single survivor."""
+    w = normalized_weights(log_weights)
+    return 1.0 / (w * w).sum(dim=-1)
+
+
+def log_mean_weight(log_weights: torch.Tensor) -> torch.Tensor:
+    """`logsumexp(log w) - log N` per group: this round's factor of the running log Z."""
+    n = log_weights.shape[-1]
+    return torch.logsumexp(log_weights, dim=-1) - math.log(n)
