@@ -18,8 +18,11 @@ RESAMPLING_METHODS = ("systematic", "stratified", "multinomial", "residual")
 def _search(weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Ancestor = first index whose cumulative weight exceeds the position."""
     cumulative = weights.cumsum(dim=-1)
-    ancestors = torch.searchsorted(cumulative, positions.to(cumulative.dtype), right=True)
-    # Rounding can leave the last cumulative weight a hair below a position near 1.
+    # Scale positions to the actual total (rounding leaves it a hair off 1) and keep them
+    # strictly below it, so a trailing zero-weight particle can never be picked.
+    total = cumulative[..., -1:]
+    positions = torch.minimum(positions.to(cumulative.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    ancestors = torch.searchsorted(cumulative, positions, right=True)
     return ancestors.clamp_(max=weights.shape[-1] - 1)
 
 
@@ -49,7 +52,9 @@ def residual(weights: torch.Tensor) -> torch.Tensor:
     """`floor(N w)` deterministic copies, the remaining slots drawn from the residuals."""
     groups, n = weights.shape
     expected = weights * n
-    counts = expected.floor().long()
+    # The tolerance keeps e.g. 49 * (1/49) = 0.99999... from losing its guaranteed copy;
+    # the counts still sum to at most N (the tolerance adds less than 1 in total).
+    counts = (expected + 1e-9).floor().long()
     remaining = n - counts.sum(dim=-1)  # [groups], 0 <= remaining < n
     leftover = (expected - counts).clamp_(min=0)
     # Groups with nothing left to draw have all-zero residuals; give them something valid

@@ -40,3 +40,17 @@ def tiny_llama(
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=eos_token_id)
     return model
+
+
+def perturbed_copy(model, noise: float, seed: int = 1):
+    """A copy of `model` with Gaussian noise (std `noise` x each tensor's std) on every
+    weight: a draft that approximates the target about as well as `noise` says."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            scale = parameter.std() if parameter.numel() > 1 else parameter.abs()
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * noise * scale)
+    return draft
