@@ -6,7 +6,8 @@
   derives it from the cache length, which is the same for every row here because caches
   only grow, in lockstep, and are never cropped (so the 5.x change of `crop` semantics
   never matters either).
-- Default sampling knobs differ: 4.57 sets `top_k=50`, 5.x leaves it unset.
+- Both apply `top_k=50` when sampling unless the user sets `top_k` (4.57 as a config
+  default, 5.x at generate() time); it reaches SMC-SD as a target warper like any other.
 """
 
 from __future__ import annotations

@@ -122,6 +122,13 @@ def test_budget_not_a_multiple_of_block(budget):
         assert len(draft.extend_widths) == 3 * (rounds - 1) + min(3, remaining)
 
 
+def test_draft_runs_the_two_token_head():
+    """Round 1 feeds [x0]; later rounds feed [d_K, b] in one forward, then K-1 single steps."""
+    _, target, draft = run(script(5, 6, 7, 8, 9, 10, length=32), max_new_tokens=13, gamma=3)
+    assert draft.extend_widths == [1, 1, 1, 2, 1, 1, 2, 1, 1]
+    assert target.extend_widths == [4, 4, 4]
+
+
 def test_finished_groups_leave_the_batch():
     # Prompt 0 stops at index 1; prompt 1 runs the whole budget.
     table = torch.zeros(2, 16, V)

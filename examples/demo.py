@@ -1,0 +1,190 @@
+"""Offline demo: the target alone vs SMC speculative decoding, same prompts, same sampling.
+
+Everything is built on the spot, so nothing is downloaded: a seeded random Llama target
+(6 layers, hidden 256) and draft (1 layer, hidden 64) from `hf_smcsd.tiny`, and a 512-token
+byte-level BPE tokenizer trained in a fraction of a second on the source of Python's `json`
+package. Being random, the models write gibberish; the demo shows the API, the timings and
+SMC-SD's diagnostics, not quality (a trained pair replaces them later).
+
+    python examples/demo.py --particles 8 --gamma 4 --batch-size 4 --json results/demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import json.decoder
+import json.encoder
+import json.scanner
+import json.tool
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import hf_smcsd
+from hf_smcsd.tiny import tiny_llama
+
+VOCAB_SIZE = 512
+TEMPERATURE = 0.7
+PAD = "<|pad|>"
+PROMPTS = [
+    "def encode(self, o):",
+    "import json\n\n",
+    "class JSONDecodeError(ValueError):",
+    "    if isinstance(obj, dict):\n",
+    "The quick brown fox",
+    "# Parse the string and return",
+]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (vocab 512) trained on text every Python install has: the json package."""
+    texts = [inspect.getsource(m) for m in (json, json.decoder, json.encoder, json.scanner, json.tool)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, padding_side="left")
+
+
+def build_models(max_positions: int):
+    common = dict(vocab_size=VOCAB_SIZE, num_heads=8, num_kv_heads=4, initializer_range=0.3,
+                  eos_token_id=None, max_position_embeddings=max_positions)
+    target = tiny_llama(hidden_size=256, num_layers=6, seed=0, **common)
+    draft = tiny_llama(hidden_size=64, num_layers=1, seed=1, **common)
+    return target, draft
+
+
+def timed(fn, seed: int):
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--particles", type=int, default=8, help="SMC particles N per prompt (default 8)")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per SMC round (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: these models are tiny, and more threads mostly "
+                        "spin and contend on a small shared machine; 0 keeps torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is shown")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1 or args.max_new_tokens < 1:
+        parser.error("--batch-size, --repeats and --max-new-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print("hf-smcsd offline demo: the target alone vs SMC-SD (target + draft)")
+    print("NOTE: the models are random (seeded) and the tokenizer is a 512-token BPE trained on the")
+    print("      json package's source, so the text below is gibberish. Only speed and diagnostics mean")
+    print("      anything here; a trained model pair replaces these in a later version.")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}")
+
+    tokenizer = build_tokenizer()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    prompt_len = enc["input_ids"].shape[1]
+    target, draft = build_models(max(512, prompt_len + args.max_new_tokens + args.gamma + 8))
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"target: {n_params(target) / 1e6:.2f}M params, draft: {n_params(draft) / 1e6:.2f}M params, "
+          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, temperature {TEMPERATURE}, "
+          f"particles {args.particles}, gamma {args.gamma}, seed {args.seed}")
+
+    model = hf_smcsd.patch(target)  # without smc_particles, generate() is the stock one
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=TEMPERATURE,
+                    top_k=0, pad_token_id=tokenizer.pad_token_id)  # top_k=0: the full distribution
+    methods = {
+        "target": lambda: model.generate(**enc, **sampling),
+        "smc-sd": lambda: model.generate(
+            **enc, **sampling, assistant_model=draft, smc_particles=args.particles,
+            smc_gamma=args.gamma, return_dict_in_generate=True,
+        ),
+    }
+
+    times = {name: [] for name in methods}
+    outputs = {}
+    with torch.inference_mode():
+        for name, fn in methods.items():  # warm-up
+            timed(fn, args.seed)
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            for name, fn in methods.items():
+                seconds, outputs[name] = timed(fn, args.seed)
+                times[name].append(seconds)
+
+    smc = outputs["smc-sd"]
+    sequences = {"target": outputs["target"], "smc-sd": smc.sequences}
+    results = {}
+    for name, seqs in sequences.items():
+        new_tokens = int((seqs.shape[1] - prompt_len) * seqs.shape[0])
+        median = statistics.median(times[name])
+        results[name] = {
+            "seconds_median": median,
+            "seconds_all": times[name],
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / median,
+            "texts": tokenizer.batch_decode(seqs[:, prompt_len:], skip_special_tokens=True),
+        }
+    for name in results:
+        results[name]["speedup"] = results[name]["tokens_per_s"] / results["target"]["tokens_per_s"]
+    ess_means = [float(trace.float().mean()) if len(trace) else float("nan") for trace in smc.ess]
+    results["smc-sd"]["diagnostics"] = {
+        "mean_ess": statistics.fmean(ess_means),
+        "mean_ess_per_prompt": ess_means,
+        "resamples_per_prompt": smc.num_resamples.tolist(),
+        "dead_resets_per_prompt": smc.num_dead_resets.tolist(),
+        "rounds": smc.num_rounds,
+        "log_z": smc.log_z.tolist(),
+    }
+
+    print()
+    print(f"{'method':<8} {'tokens/s':>10} {'speedup':>8} {'median s':>9}   diagnostics")
+    for name, r in results.items():
+        extra = ""
+        if name == "smc-sd":
+            d = r["diagnostics"]
+            extra = (f"mean ESS {d['mean_ess']:.2f}/{args.particles}, resamples {sum(d['resamples_per_prompt'])} "
+                     f"({'/'.join(map(str, d['resamples_per_prompt']))} per prompt), rounds {d['rounds']}")
+        print(f"{name:<8} {r['tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['seconds_median']:>9.3f}   {extra}")
+    for name, r in results.items():
+        print(f"\n--- {name} (prompt + continuation) ---")
+        for prompt, text in zip(prompts, r["texts"]):
+            print(f"{prompt!r} + {text!r}")
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        report = {
+            "config": vars(args) | {"temperature": TEMPERATURE, "prompts": prompts, "prompt_tokens": prompt_len},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "hf_smcsd": hf_smcsd.__version__},
+            "threads": torch.get_num_threads(),
+            "results": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
