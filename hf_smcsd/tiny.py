@@ -54,3 +54,18 @@ def perturbed_copy(model, noise: float, seed: int = 1):
             scale = parameter.std() if parameter.numel() > 1 else parameter.abs()
             parameter.add_(torch.randn(parameter.shape, generator=generator) * noise * scale)
     return draft
+
+
+def truncated_copy(model, num_layers: int):
+    """The first `num_layers` decoder layers of `model` with its embeddings and head: a
+    cheaper draft that agrees with the target as far as its remaining layers matter
+    (a layer-skip draft). For random models with a small `initializer_range` the residual
+    stream is dominated by the embeddings, so the two agree closely."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:num_layers]
+    draft.config.num_hidden_layers = num_layers
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = draft.config.layer_types[:num_layers]
+    return draft
