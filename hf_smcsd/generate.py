@@ -281,14 +281,21 @@ def _smc_decode(
     ))
     attention_mask = model_kwargs.get("attention_mask")
     result = smc_sample(
-        EagerRunner(model),
-        EagerRunner(smc_draft),
+        make_runner(model),
+        make_runner(smc_draft),
         input_ids,
         attention_mask,
         settings,
         target_log_probs=_processed_log_probs(logits_processor),
     )
     return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
+
+
+def make_runner(model):
+    """The backend for a model: an object that brings its own runner (e.g. a compiled
+    engine) says so with a `smc_runner()` method; a transformers model gets the eager one."""
+    factory = getattr(model, "smc_runner", None)
+    return factory() if callable(factory) else EagerRunner(model)
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):
