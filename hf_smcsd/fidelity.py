@@ -28,23 +28,28 @@ def exact_distribution(
     max_new_tokens: int,
     temperature: float = 1.0,
     eos_token_ids: tuple[int, ...] = (),
-    log_probs_fn=None,
+    logits_processor=None,
 ) -> dict[tuple[int, ...], float]:
     """Probability of every output (new tokens, cut after the first stop token).
 
     Scores all `V ** max_new_tokens` continuations in one batched forward; keep V and the
-    length small. `log_probs_fn(logits)` can replace the default `log_softmax(logits / T)`
-    (e.g. to apply top-k / top-p).
+    length small. With `logits_processor` (a transformers `LogitsProcessorList`, which
+    then also carries the temperature), each position's scores are processed as
+    transformers' sampling does, seeing the sequence up to that position.
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     continuations = torch.tensor(list(itertools.product(range(vocab), repeat=max_new_tokens)))
     count = continuations.shape[0]
     inputs = torch.cat([torch.tensor(prompt).expand(count, -1), continuations[:, :-1]], dim=1)
     logits = model(inputs).logits[:, len(prompt) - 1 :].double()
-    if log_probs_fn is None:
+    if logits_processor is None:
         log_p = torch.log_softmax(logits / temperature, dim=-1)
     else:
-        log_p = log_probs_fn(logits).double()
+        log_p = torch.stack(
+            [torch.log_softmax(logits_processor(inputs[:, : len(prompt) + j], logits[:, j]), dim=-1)
+             for j in range(max_new_tokens)],
+            dim=1,
+        )
     per_token = log_p.gather(-1, continuations.unsqueeze(-1)).squeeze(-1)  # [count, new]
     # Tokens after a stop do not count: the output ends there.
     eos = set(eos_token_ids)

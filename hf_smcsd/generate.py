@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import compat
@@ -29,6 +30,7 @@ SMC_KNOBS: dict[str, Any] = {
     "smc_resample_threshold": 0.5,
     "smc_resample_method": "systematic",
     "smc_alpha": 1.0,
+    "smc_draft_processors": False,  # True: the draft proposes from the processed distribution too
 }
 
 # Logits processors that look at the scores only, never at the tokens so far: they can be
@@ -46,7 +48,8 @@ _POSITION_FREE_PROCESSORS = {
     "SuppressTokensLogitsProcessor",
     "LogitNormalization",
 }
-_HANDLED_STOPPING_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria"}
+# Handled natively by the loop (the length budget and the EOS ids): not evaluated per token.
+_NATIVE_STOPPING_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria"}
 
 
 @dataclass
@@ -146,7 +149,49 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     _check_unsupported(kwargs, generation_config, model)
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0))
-    return original_generate(*args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, **kwargs)
+    _stop_strings_to_criteria(kwargs, generation_config, model)
+    # generate() drops a streamer on the custom_generate path and never ends it: carry it
+    # under our own name, and end it here, also when generation fails (a consumer thread
+    # of a TextIteratorStreamer would otherwise wait forever).
+    streamer = kwargs.pop("streamer", None)
+    handle = _StreamerHandle(streamer) if streamer is not None else None
+    try:
+        return original_generate(
+            *args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, smc_streamer=handle, **kwargs
+        )
+    finally:
+        if handle is not None:
+            handle.streamer.end()
+
+
+class _StreamerHandle:
+    """The user's streamer, and how many new tokens it has been given."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+        self.count = 0
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.count += tokens.numel()
+        if tokens.numel():
+            self.streamer.put(tokens.cpu())
+
+
+def _stop_strings_to_criteria(kwargs: dict, generation_config, model) -> None:
+    """generate() builds StopStringCriteria from `tokenizer`, which the custom_generate path
+    drops: build it here and hand it over as an ordinary stopping criterion."""
+    stop_strings = _setting("stop_strings", kwargs, generation_config, model)
+    if not stop_strings:
+        return
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: pass tokenizer=<the target's tokenizer> to generate().")
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    kwargs["stopping_criteria"] = criteria
+    kwargs["stop_strings"] = None  # already handled; keeps generate() from asking for a tokenizer
 
 
 def _settings_kwargs(knobs: dict, **extra) -> dict:
@@ -176,7 +221,7 @@ def _check_models(target, draft, kwargs: dict) -> None:
             "SMC-SD weighs the draft's tokens under the target, so both must share one tokenizer and "
             "vocabulary. Use a draft from the target's model family."
         )
-    tokenizer, assistant_tokenizer = kwargs.pop("tokenizer", None), kwargs.pop("assistant_tokenizer", None)
+    tokenizer, assistant_tokenizer = kwargs.get("tokenizer"), kwargs.pop("assistant_tokenizer", None)
     if tokenizer is not None and assistant_tokenizer is not None and tokenizer.get_vocab() != assistant_tokenizer.get_vocab():
         raise ValueError(
             "tokenizer and assistant_tokenizer differ: SMC-SD needs a draft that shares the target's "
@@ -197,45 +242,75 @@ def _check_unsupported(kwargs: dict, generation_config, model) -> None:
             "past_key_values cannot be passed with smc_particles: SMC-SD prefills both models itself. "
             "Pass the full prompt as input_ids instead."
         )
-    not_yet = {
-        "streamer": "streaming",
-        "stopping_criteria": "custom stopping criteria",
-        "prefix_allowed_tokens_fn": "prefix_allowed_tokens_fn",
-        "negative_prompt_ids": "classifier-free guidance",
+    not_supported = {
+        # transformers numbers its rows by beam; SMC-SD's rows are particles.
+        "prefix_allowed_tokens_fn": "it is called with a row index that does not name the prompt here",
+        "negative_prompt_ids": "classifier-free guidance runs the model on its own inputs",
     }
-    for name, what in not_yet.items():
+    for name, why in not_supported.items():
         if kwargs.get(name) is not None:
-            raise ValueError(f"{name} is not supported with smc_particles yet ({what}); remove it.")
-    for name in ("num_return_sequences", "num_beams"):
-        value = _setting(name, kwargs, generation_config, model)
-        if value is not None and value > 1:
-            raise ValueError(f"{name}={value} is not supported with smc_particles yet; use {name}=1.")
-    if _setting("stop_strings", kwargs, generation_config, model):
-        raise ValueError("stop_strings is not supported with smc_particles yet; use eos_token_id.")
+            raise ValueError(f"{name} is not supported with smc_particles ({why}); remove it.")
+    num_beams = _setting("num_beams", kwargs, generation_config, model)
+    if num_beams is not None and num_beams > 1:
+        raise ValueError(f"num_beams={num_beams} is beam search; SMC-SD samples. Use num_beams=1.")
 
 
-def _processed_log_probs(logits_processor) -> callable:
-    """Normalised log-probs of the target's sampling distribution at any positions.
 
-    transformers' warpers (temperature, top-k, top-p, ...) act on scores alone, so they
-    are applied to all positions of all rows at once.
+def processed_log_probs(logits_processor: LogitsProcessorList):
+    """A `smc.LogProbsFn` for the distribution transformers' sampling draws from: the
+    processors applied to the logits at each position, then softmax.
+
+    Processors that read scores alone (temperature, top-k, top-p, ...) run once over all
+    positions of all rows. Any other processor (repetition penalty, bad words, min length,
+    ...) runs position by position, batched over rows, each row seeing its own sequence
+    up to that position, as in transformers' sampling loop.
     """
-    for processor in logits_processor:
-        if type(processor).__name__ not in _POSITION_FREE_PROCESSORS:
-            raise ValueError(
-                f"The logits processor {type(processor).__name__} is not supported with smc_particles yet "
-                "(it depends on the tokens so far); remove the argument that adds it."
-            )
+    position_free = all(type(p).__name__ in _POSITION_FREE_PROCESSORS for p in logits_processor)
 
-    def target_log_probs(logits: torch.Tensor) -> torch.Tensor:
-        shape = logits.shape
-        scores = logits.reshape(-1, shape[-1])
-        no_tokens = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
-        for processor in logits_processor:
-            scores = processor(no_tokens, scores)
-        return log_probs(scores).view(shape)
+    def log_probs_fn(logits: torch.Tensor, history) -> torch.Tensor:
+        rows, width, vocab = logits.shape
+        if not logits_processor:
+            return log_probs(logits)
+        if position_free:
+            scores = logits.reshape(-1, vocab)
+            no_tokens = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+            return log_probs(logits_processor(no_tokens, scores)).view(rows, width, vocab)
+        sequences = history()
+        start = sequences.shape[1] - width + 1
+        return torch.stack(
+            [log_probs(logits_processor(sequences[:, : start + j], logits[:, j])) for j in range(width)], dim=1
+        )
 
-    return target_log_probs
+    return log_probs_fn
+
+
+def _draft_processors(logits_processor: LogitsProcessorList, temperature: float) -> LogitsProcessorList:
+    """The target's processors with the draft's temperature in place of the target's."""
+    from transformers import TemperatureLogitsWarper
+
+    processors = [p for p in logits_processor if not isinstance(p, TemperatureLogitsWarper)]
+    first_warper = next(
+        (i for i, p in enumerate(processors) if type(p).__name__ in _POSITION_FREE_PROCESSORS), len(processors)
+    )
+    if temperature != 1.0:
+        processors.insert(first_warper, TemperatureLogitsWarper(temperature))
+    return LogitsProcessorList(processors)
+
+
+def stopping_fn(stopping_criteria: StoppingCriteriaList):
+    """A `smc.StopFn` from transformers' stopping criteria (those not handled natively):
+    evaluated at each new position, batched over rows, on each row's own sequence."""
+    criteria = StoppingCriteriaList(
+        c for c in stopping_criteria if type(c).__name__ not in _NATIVE_STOPPING_CRITERIA
+    )
+    if not criteria:
+        return None
+
+    def stop_fn(sequences: torch.Tensor, width: int) -> torch.Tensor:
+        start = sequences.shape[1] - width + 1
+        return torch.stack([criteria(sequences[:, : start + j], None) for j in range(width)], dim=1)
+
+    return stop_fn
 
 
 def _token_ids(value) -> list[int]:
@@ -256,15 +331,18 @@ def _smc_decode(
     generation_config,
     smc_draft=None,
     smc_knobs=None,
+    smc_streamer=None,
     **model_kwargs,
 ):
     """The `custom_generate` callable: generate() has prepared everything; run the loop."""
-    for criterion in stopping_criteria:
-        if type(criterion).__name__ not in _HANDLED_STOPPING_CRITERIA:
-            raise ValueError(
-                f"The stopping criterion {type(criterion).__name__} is not supported with smc_particles yet; "
-                "remove the argument that adds it (max_time, stop_strings, stopping_criteria)."
-            )
+    streamer = smc_streamer
+    attention_mask = model_kwargs.get("attention_mask")
+    # generate() repeats each prompt num_return_sequences times; SMC-SD returns that many
+    # particles of one population instead, so run each prompt once.
+    num_return = generation_config.num_return_sequences or 1
+    if num_return > 1:
+        input_ids = input_ids[::num_return]
+        attention_mask = attention_mask[::num_return] if attention_mask is not None else None
     prompt_length = input_ids.shape[1]
     max_new_tokens = generation_config.max_length - prompt_length
     if max_new_tokens < 1:
@@ -277,17 +355,33 @@ def _smc_decode(
     pad = _token_ids(pad)[0] if pad is not None else (eos[0] if eos else 0)
     temperature = generation_config.temperature or 1.0
     settings = SMCSettings(**_settings_kwargs(
-        smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad
+        smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
+        num_return_sequences=num_return,
     ))
-    attention_mask = model_kwargs.get("attention_mask")
+    draft_temperature = settings.draft_temperature or temperature
+    draft_log_probs = (
+        processed_log_probs(_draft_processors(logits_processor, draft_temperature))
+        if smc_knobs["smc_draft_processors"]
+        else None  # temperature only: the draft's support then covers the target's
+    )
+    if streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
+        streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
     result = smc_sample(
         make_runner(model),
         make_runner(smc_draft),
         input_ids,
         attention_mask,
         settings,
-        target_log_probs=_processed_log_probs(logits_processor),
+        target_log_probs=processed_log_probs(logits_processor),
+        draft_log_probs=draft_log_probs,
+        stop_fn=stopping_fn(stopping_criteria),
+        stream=streamer.put if streamer is not None else None,
     )
+    if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
+        chosen = int(result.chosen[0, 0])
+        streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
     return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
 
 
@@ -299,11 +393,12 @@ def make_runner(model):
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):
-    batch = input_ids.shape[0]
-    picked = torch.arange(batch, device=input_ids.device)
-    chosen_tokens = result.tokens[picked, result.chosen]
-    longest = int(result.lengths[picked, result.chosen].max())
-    sequences = torch.cat([input_ids, chosen_tokens[:, :longest]], dim=1)
+    batch, num_return = result.chosen.shape
+    prompts = torch.arange(batch, device=input_ids.device).repeat_interleave(num_return)
+    chosen = result.chosen.flatten()
+    chosen_tokens = result.tokens[prompts, chosen]  # [B * num_return, max_new], prompt-major
+    longest = int(result.lengths[prompts, chosen].max())
+    sequences = torch.cat([input_ids[prompts], chosen_tokens[:, :longest]], dim=1)
     if not return_dict:
         return sequences
     return SMCGenerateOutput(

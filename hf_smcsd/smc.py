@@ -30,7 +30,16 @@ from .weights import (
     sample,
 )
 
-LogProbsFn = Callable[[torch.Tensor], torch.Tensor]
+# A distribution function turns logits `[rows, w, V]` for the last w fed positions into
+# normalised log-probabilities of what that model samples from. Its second argument builds,
+# on demand, every row's tokens so far `[rows, S]` (padded prompt included, ending with the
+# w fed positions), for processors that look at the sequence: position j sees
+# `sequences[:, : S - w + 1 + j]`, exactly what transformers' sampling would pass there.
+History = Callable[[], torch.Tensor]
+LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
+# A stop function marks, for the last w tokens of each row's sequence `[rows, S]`, which
+# positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
+StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -47,6 +56,7 @@ class SMCSettings:
     alpha: float = 1.0
     eos_token_ids: Sequence[int] = ()
     pad_token_id: int = 0
+    num_return_sequences: int = 1  # particles returned per prompt, drawn by final weight
 
     def __post_init__(self):
         self.validate()
@@ -73,6 +83,8 @@ class SMCSettings:
             )
         if not float(self.alpha) > 0:
             bad("smc_alpha", self.alpha, "use a power > 0 (1.0 samples the target itself).")
+        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+            bad("num_return_sequences", self.num_return_sequences, "use an integer >= 1.")
         if self.resample_method not in RESAMPLING_METHODS:
             bad("smc_resample_method", self.resample_method, f"use one of {', '.join(RESAMPLING_METHODS)}.")
 
@@ -85,7 +97,7 @@ class SMCResult:
     lengths: torch.Tensor  # [B, N] new tokens per particle
     log_weights: torch.Tensor  # [B, N] final log weights (float64)
     log_z: torch.Tensor  # [B] log of the estimated normalising constant
-    chosen: torch.Tensor  # [B] index of the particle returned for each prompt
+    chosen: torch.Tensor  # [B, num_return_sequences] particles returned for each prompt
     ess: list[torch.Tensor]  # per prompt, the ESS after each round it ran
     num_resamples: torch.Tensor  # [B] resampling events per prompt
     num_dead_resets: torch.Tensor  # [B] rounds where every weight was zero (uniform reset)
@@ -93,17 +105,23 @@ class SMCResult:
     stats: dict = field(default_factory=dict)
 
 
-def _first_stops(new_tokens: torch.Tensor, stop_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: whether a stop token occurs, and how many tokens to keep (up to and
-    including the first stop; all of them if none)."""
-    width = new_tokens.shape[1]
-    if stop_ids is None:
-        stopped = torch.zeros(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
-        return stopped, torch.full_like(new_tokens[:, 0], width)
-    is_stop = torch.isin(new_tokens, stop_ids)
+def _first_stops(is_stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: whether a stop occurs among the new tokens, and how many tokens to keep (up
+    to and including the first stop; all of them if none)."""
     stopped = is_stop.any(dim=1)
     first = is_stop.int().argmax(dim=1)  # argmax returns the first maximal index
-    return stopped, torch.where(stopped, first + 1, width)
+    return stopped, torch.where(stopped, first + 1, is_stop.shape[1])
+
+
+def _temperature_only(temperature: float) -> LogProbsFn:
+    return lambda logits, history: log_probs(logits, temperature)
+
+
+def _shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:
+    """Length of the prefix every particle `[N, T]` of one prompt shares (within its length)."""
+    same = (tokens == tokens[:1]).all(dim=0)
+    shared = int(same.long().cumprod(dim=0).sum())
+    return min(shared, int(lengths.min()))
 
 
 @torch.no_grad()
@@ -115,12 +133,17 @@ def smc_sample(
     settings: SMCSettings,
     target_log_probs: LogProbsFn | None = None,
     draft_log_probs: LogProbsFn | None = None,
+    stop_fn: StopFn | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
 ) -> SMCResult:
     """Run SMC-SD on a left-padded batch of prompts; see the module docstring for layout.
 
-    `target_log_probs` / `draft_log_probs` turn raw logits `[..., V]` into normalised
-    log-probabilities of the distribution each model samples from (temperature and, for the
-    target, its logits processors). They default to temperature-only softmax.
+    `target_log_probs` / `draft_log_probs` (see `LogProbsFn`) give the distributions the
+    target and the draft sample from (temperature and, for the target, its logits
+    processors); they default to temperature-only softmax. `stop_fn` adds stopping
+    criteria to the EOS ids. `stream` (batch of one prompt only) receives, as soon as they
+    are settled, the new tokens that every particle shares: resampling and the final pick
+    can no longer change them. The caller streams the rest of the returned particle.
     """
     settings.validate()
     n, gamma, alpha = settings.particles, settings.gamma, float(settings.alpha)
@@ -129,18 +152,13 @@ def smc_sample(
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if target_log_probs is None:
-        target_log_probs = lambda logits: log_probs(logits, settings.temperature)  # noqa: E731
-    if draft_log_probs is None:
-        t_q = settings.draft_temperature or settings.temperature
-        draft_log_probs = lambda logits: log_probs(logits, t_q)  # noqa: E731
-    stop_ids = (
-        torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=device)
-        if len(settings.eos_token_ids)
-        else None
-    )
+    target_log_probs = target_log_probs or _temperature_only(settings.temperature)
+    draft_log_probs = draft_log_probs or _temperature_only(settings.draft_temperature or settings.temperature)
+    stop_ids = torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=device)
 
     batch = input_ids.shape[0]
+    if stream is not None and batch != 1:
+        raise ValueError(f"Streaming supports one prompt at a time; got a batch of {batch}.")
     total = batch * n
     tokens = torch.full((total, budget), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(total, dtype=torch.long, device=device)
@@ -151,19 +169,42 @@ def smc_sample(
     num_dead_resets = torch.zeros(batch, dtype=torch.long, device=device)
     ess_per_round: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    rows = torch.arange(total, device=device)  # live row -> row of the full arrays
+
+    def sequences(*new: torch.Tensor) -> torch.Tensor:
+        """Every live row's padded prompt, tokens generated so far, then `new` tokens."""
+        return torch.cat([input_ids[rows // n], tokens[rows, :generated], *new], dim=1)
+
+    def stops(new_tokens: torch.Tensor) -> torch.Tensor:
+        is_stop = torch.isin(new_tokens, stop_ids)
+        if stop_fn is not None:
+            is_stop |= stop_fn(sequences(new_tokens), new_tokens.shape[1])
+        return is_stop
+
+    streamed = 0
+
+    def stream_settled() -> None:
+        nonlocal streamed
+        if stream is not None:
+            shared = _shared_prefix(tokens, lengths)
+            if shared > streamed:
+                stream(tokens[0, streamed:shared])
+                streamed = shared
+
     # --- Start: prefill once per model, expand to N rows, sample x0 from the target. ---
-    first_logits = target.prefill(input_ids, attention_mask, n)
+    first_logits = target.prefill(input_ids, attention_mask, n).unsqueeze(1)
     draft.prefill(input_ids, attention_mask, n)
-    first_dist, first_log_z = power_log_probs(target_log_probs(first_logits), alpha)
+    first_lp = target_log_probs(first_logits, lambda: input_ids)[:, 0]
+    first_dist, first_log_z = power_log_probs(first_lp, alpha)
     x0 = sample(first_dist.repeat_interleave(n, dim=0))  # each particle draws its own x0
     log_z += first_log_z.to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the same for the whole group
+    generated = 0  # `sequences()` reads it: nothing generated before x0
+    finished |= stops(x0.unsqueeze(1))[:, 0]
     tokens[:, 0] = x0
     lengths[:] = 1
-    if stop_ids is not None:
-        finished |= torch.isin(x0, stop_ids)
     generated = 1
+    stream_settled()
 
-    rows = torch.arange(total, device=device)  # live row -> row of the full arrays
     groups = torch.arange(batch, device=device)  # live group -> prompt index
     last_token = x0  # x_last: the target has not seen it yet
     draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], later [d_K, b]
@@ -188,11 +229,11 @@ def smc_sample(
 
         # --- Draft: k tokens per particle, autoregressively, recording log q. ---
         drafted, draft_lq = [], []
-        logits = draft.extend(draft_pending)[:, -1]
+        logits = draft.extend(draft_pending)[:, -1:]
         for step in range(k):
             if step:
-                logits = draft.extend(drafted[-1].unsqueeze(1))[:, -1]
-            lq = draft_log_probs(logits)
+                logits = draft.extend(drafted[-1].unsqueeze(1))
+            lq = draft_log_probs(logits, lambda: sequences(*(d.unsqueeze(1) for d in drafted)))[:, 0]
             token = sample(lq)
             drafted.append(token)
             draft_lq.append(gather(lq, token))
@@ -201,7 +242,7 @@ def smc_sample(
 
         # --- Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows). ---
         fed = drafted_t if with_bonus else drafted_t[:, : k - 1]
-        target_lp = target_log_probs(target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)))
+        target_lp = target_log_probs(target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)), lambda: sequences(fed))
         log_p = gather(target_lp[:, :k], drafted_t)
         increments = alpha * log_p.to(WEIGHT_DTYPE) - log_q.to(WEIGHT_DTYPE)  # [rows, k]
 
@@ -216,7 +257,7 @@ def smc_sample(
 
         # --- Weight and finish: count only the tokens a particle keeps. ---
         active = ~finished[rows]
-        stopped, kept = _first_stops(new_tokens, stop_ids)
+        stopped, kept = _first_stops(stops(new_tokens))
         kept = torch.where(active, kept, 0)
         keep_mask = torch.arange(width, device=device) < kept.unsqueeze(1)
         increment = torch.where(keep_mask[:, :k], increments, 0.0).sum(dim=1)
@@ -259,11 +300,13 @@ def smc_sample(
             log_weights[rows[local]] = 0.0
             num_resamples[groups[chosen_groups]] += 1
             num_dead_resets[groups[chosen_groups]] += dead[chosen_groups].long()
+        stream_settled()
 
     # --- End: log Z and one particle per prompt, drawn by final weight. ---
     final_lw = log_weights.view(batch, n)
     log_z += log_mean_weight(final_lw)
-    chosen = torch.multinomial(normalized_weights(final_lw).float(), 1).squeeze(1)
+    # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
+    chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
     return SMCResult(
         tokens=tokens.view(batch, n, budget),
         lengths=lengths.view(batch, n),

@@ -74,7 +74,8 @@ def test_return_dict_in_generate_carries_diagnostics(models):
     assert out.num_resamples.shape == (2,)
     prompt_width = batch()[0].shape[1]
     for b in range(2):
-        chosen = out.particle_sequences[b, out.chosen_particles[b], : out.particle_lengths[b, out.chosen_particles[b]]]
+        i = out.chosen_particles[b, 0]
+        chosen = out.particle_sequences[b, i, : out.particle_lengths[b, i]]
         assert torch.equal(out.sequences[b, prompt_width: prompt_width + len(chosen)], chosen)
 
 
@@ -157,8 +158,8 @@ def test_plain_function_leaves_model_unpatched(pair):
         (dict(smc_resample_method="bogus"), "smc_resample_method"),
         (dict(smc_draft_temperature=0.0), "smc_draft_temperature"),
         (dict(cache_implementation="static"), "cache_implementation"),
-        (dict(num_return_sequences=2), "num_return_sequences"),
-        (dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
+        (dict(num_beams=2), "num_beams"),
+        (dict(prefix_allowed_tokens_fn=lambda b, s: [1, 2]), "prefix_allowed_tokens_fn"),
     ],
 )
 def test_bad_input_names_the_argument(models, kwargs, name):
