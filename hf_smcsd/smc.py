@@ -305,6 +305,8 @@ def smc_sample(
     # --- End: log Z and one particle per prompt, drawn by final weight. ---
     final_lw = log_weights.view(batch, n)
     log_z += log_mean_weight(final_lw)
+    # No particle left with weight: the pick below is uniform. Count it, as for a dead round.
+    num_dead_resets += torch.isneginf(final_lw).all(dim=1).long()
     # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
     chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
     return SMCResult(

@@ -272,3 +272,29 @@ def test_returned_particles_follow_the_final_weights():
     expected = weights.sum(0)
     sd = (weights * (1 - weights)).sum(0).sqrt()
     assert ((picked - expected).abs() < 5 * sd).all(), (picked, expected, sd)
+
+
+def test_sequence_processors_hold_for_every_particle_with_weight(pair):
+    """bad_words_ids, no_repeat_ngram_size and min_new_tokens: every particle that can be
+    returned (finite weight) obeys them at every position, bonus and first tokens included."""
+    target, draft = pair
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    ids, mask = left_pad(prompts)
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=8, smc_gamma=3,
+                                do_sample=True, top_k=0, temperature=1.5, max_new_tokens=12, eos_token_id=3,
+                                bad_words_ids=[[4], [20]], no_repeat_ngram_size=2, min_new_tokens=5,
+                                return_dict_in_generate=True)
+    returnable = 0
+    for b, prompt in enumerate(prompts):
+        for i in range(8):
+            if torch.isneginf(out.log_weights[b, i]):
+                continue
+            returnable += 1
+            tokens = out.particle_sequences[b, i, : out.particle_lengths[b, i]].tolist()
+            assert 4 not in tokens and 20 not in tokens
+            assert 3 not in tokens[:4]  # no EOS before 5 new tokens
+            full = ids[b].tolist() + tokens
+            bigrams = list(zip(full, full[1:]))
+            assert len(bigrams) == len(set(bigrams))
+    assert returnable >= 4
