@@ -8,6 +8,12 @@
   never matters either).
 - Both apply `top_k=50` when sampling unless the user sets `top_k` (4.57 as a config
   default, 5.x at generate() time); it reaches SMC-SD as a target warper like any other.
+- Sliding-window layers (Mistral, Gemma 2 / 3) are `DynamicSlidingWindowLayer`s in both:
+  they keep the last `window - 1` positions, the same count for every row, so rows copy as
+  plainly as full-attention layers.
+- Also here: where a model's inputs go under an accelerate device map (`input_device`),
+  per-device cache row copies (`copy_cache_rows`, `select_cache_rows`), and which models
+  and caches the runner accepts (`check_supported_model`, `check_supported_cache`).
 """
 
 from __future__ import annotations
@@ -29,22 +35,171 @@ def output_vocab_size(model) -> int:
 
 
 def copy_cache_rows(cache, dest: torch.Tensor, src: torch.Tensor, total_rows: int) -> None:
-    """`cache[dest] <- cache[src]` on the batch axis, writing only the `dest` rows."""
+    """`cache[dest] <- cache[src]` on the batch axis, writing only the `dest` rows.
+
+    Plain attention layers (full or sliding window) are copied tensor by tensor, each on its
+    own device (an accelerate device map may spread layers over several). A layer that keeps
+    more per-row state than keys and values (e.g. the indexer keys of sparse-attention
+    layers) uses its own `reorder_cache`, which gathers every row.
+    """
     layers = getattr(cache, "layers", None)
     if layers is None:
         # A cache without per-layer tensors: fall back to its full reorder (copies every row).
-        ancestors = torch.arange(total_rows, device=dest.device)
-        ancestors[dest] = src
-        cache.reorder_cache(ancestors)
+        cache.reorder_cache(_ancestors(dest, src, total_rows))
         return
     for layer in layers:
+        kind = type(layer).__name__
+        if kind == "DummyLayer":  # a layer that shares another layer's KV: nothing of its own
+            continue
+        if kind not in _PLAIN_KV_LAYERS:
+            device = _layer_device(layer) or dest.device
+            layer.reorder_cache(_ancestors(dest, src, total_rows).to(device))
+            continue
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
                 continue
-            # Layers may sit on different devices under an accelerate device map.
             d, s = dest.to(tensor.device), src.to(tensor.device)
             tensor.index_copy_(0, d, tensor.index_select(0, s))
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only `rows` of the cache, in that order, each layer on its own device."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.batch_select_indices(rows)
+        return
+    for layer in layers:
+        device = _layer_device(layer)
+        layer.batch_select_indices(rows.to(device) if device is not None else rows)
+
+
+def _ancestors(dest: torch.Tensor, src: torch.Tensor, total_rows: int) -> torch.Tensor:
+    ancestors = torch.arange(total_rows, device=dest.device)
+    ancestors[dest] = src
+    return ancestors
+
+
+def _layer_device(layer):
+    keys = getattr(layer, "keys", None)
+    return keys.device if isinstance(keys, torch.Tensor) else None
+
+
+def input_device(model) -> torch.device:
+    """Where the model's input ids must go: the device its embedding runs on.
+
+    Under an accelerate device map the embedding's weights may be offloaded (to the CPU or
+    to disk, then they sit on the `meta` device) and are brought to the hook's execution
+    device for each forward, so that device is the one that counts.
+    """
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return torch.device(model.device)
+
+
+# --- Which models and caches the eager runner can drive. ---
+
+# Cache layers that hold exactly `keys` / `values` `[rows, kv_heads, length, head_dim]` and
+# one length for all rows (the sliding window layer keeps the last `window - 1` positions,
+# the same for every row since all rows grow in lockstep). Anything else is either
+# refused (`check_supported_cache`) or copied by its own `reorder_cache`.
+_PLAIN_KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+_OTHER_SUPPORTED_LAYERS = ("DynamicIndexedLayer", "DummyLayer")
+# Layer types (config.layer_types) with a recurrent or convolutional state.
+_STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "recurrent")
+
+_FIX = (
+    "Use an attention-only model (see the supported families in hf_smcsd.zoo.SUPPORTED and the README), "
+    "or generate without smc_particles."
+)
+
+
+def _model_type(model) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+
+
+def _configs(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        try:
+            text = get_text_config(decoder=True)
+        except TypeError:
+            text = get_text_config()
+        if text is not None and text is not config:
+            configs.append(text)
+    return configs
+
+
+def check_supported_model(model) -> None:
+    """Raise a ValueError naming the model type if SMC-SD cannot run this model.
+
+    SMC-SD copies each particle's cache rows on resampling. Models with a recurrent state
+    (Mamba / state-space layers, linear attention, RG-LRU, short convolutions; hybrids that
+    mix them with attention) keep it in caches whose rows the runner cannot copy, so they
+    are refused: transformers flags most of them `_is_stateful`, the rest are listed in
+    `hf_smcsd.zoo.REJECTED` or recognised by their `layer_types`.
+    """
+    from .zoo import REJECTED  # zoo imports nothing from here at module level
+
+    config = getattr(model, "config", None)
+    model_type = _model_type(model)
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} (model_type={model_type!r}) is an encoder-decoder model; SMC-SD supports decoder-only "
+            "causal LMs (AutoModelForCausalLM). Use a decoder-only target and draft."
+        )
+    types = {_model_type(model)} | {str(getattr(c, "model_type", "")) for c in _configs(model)}
+    rejected = sorted(t for t in types if t in REJECTED)
+    if rejected:
+        raise ValueError(
+            f"SMC-SD does not support {name} (model_type={rejected[0]!r}): this family {REJECTED[rejected[0]]}. "
+            + _FIX
+        )
+    if getattr(model, "_is_stateful", False):
+        raise ValueError(
+            f"SMC-SD does not support {name} (model_type={model_type!r}): transformers marks it stateful "
+            "(a recurrent or hybrid cache), whose per-particle state the SMC-SD runner cannot copy. " + _FIX
+        )
+    for c in _configs(model):
+        layer_types = getattr(c, "layer_types", None) or ()
+        stateful = sorted({str(t) for t in layer_types} & set(_STATEFUL_LAYER_TYPES))
+        if stateful:
+            raise ValueError(
+                f"SMC-SD does not support {name} (model_type={model_type!r}): it has {', '.join(stateful)} "
+                "layers, whose recurrent state the SMC-SD runner cannot copy per particle. " + _FIX
+            )
+
+
+def check_supported_cache(cache, model) -> None:
+    """Raise a ValueError if the cache a prefill produced is not one the runner can expand,
+    extend, copy and shrink row by row (a `DynamicCache` of attention layers)."""
+    model_type, name = _model_type(model), type(model).__name__
+    cache_class = type(cache).__name__
+    if cache_class != "DynamicCache" or getattr(cache, "layers", None) is None:
+        raise ValueError(
+            f"SMC-SD does not support {name} (model_type={model_type!r}): its forward returned a "
+            f"{cache_class}, but the SMC-SD runner needs a DynamicCache of attention layers to copy per "
+            "particle. " + _FIX
+        )
+    odd = sorted(
+        {type(layer).__name__ for layer in cache.layers} - set(_PLAIN_KV_LAYERS) - set(_OTHER_SUPPORTED_LAYERS)
+    )
+    if odd:
+        raise ValueError(
+            f"SMC-SD does not support {name} (model_type={model_type!r}): its cache has {', '.join(odd)} "
+            "layers, which the SMC-SD runner cannot copy per particle. " + _FIX
+        )
 
 
 STATIC_CACHE_IMPLEMENTATIONS = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked", "mamba")

@@ -207,6 +207,9 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
 
 
 def _check_models(target, draft, kwargs: dict) -> None:
+    for model in (target, draft):
+        if isinstance(model, torch.nn.Module):
+            compat.check_supported_model(model)  # recurrent / hybrid caches cannot be reordered
     for name, model in (("model", target), ("assistant_model", draft)):
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
@@ -230,7 +233,9 @@ def _check_models(target, draft, kwargs: dict) -> None:
 
 
 def _check_unsupported(kwargs: dict, generation_config, model) -> None:
-    cache_impl = _setting("cache_implementation", kwargs, generation_config, model)
+    # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
+    # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
+    cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
     if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(kwargs.get("past_key_values")):
         raise ValueError(
             f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "

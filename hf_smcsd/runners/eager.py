@@ -1,8 +1,19 @@
 """The eager runner: a transformers causal LM and its own dynamic KV cache.
 
 This is the reference backend: plain `model(...)` forwards, so it runs wherever the model
-runs (CPU, one GPU, an accelerate device map). The cache only grows: prefill once, expand
-to N rows per prompt, append K or K+1 tokens per call, overwrite dead rows on resampling.
+runs (CPU, one GPU, an accelerate device map with layers on several devices or offloaded to
+CPU / disk). The cache only grows: prefill once, expand to N rows per prompt, append K or
+K+1 tokens per call, overwrite dead rows on resampling.
+
+Nothing here assumes that the logits or the cache live on `model.device`: inputs go to the
+device the embedding runs on, logits come back to the caller's device, and every cache
+layer is copied or shrunk on its own device.
+
+Positions are passed explicitly (`position_ids`, counting real tokens only, as generate()
+does with left padding); every supported family takes them (`hf_smcsd.zoo.SUPPORTED`), and
+the attention mask is always passed at full length, for those that also read it (OPT, ALiBi).
+Sliding-window layers need nothing special: their window is over cache positions, and left
+padding only shifts every row's real tokens to the right by the same amount.
 """
 
 from __future__ import annotations
@@ -17,9 +28,10 @@ from ..resampling import CopyPlan
 
 class EagerRunner:
     def __init__(self, model):
+        compat.check_supported_model(model)  # recurrent / hybrid caches: a clear error, not wrong text
         self.model = model
         self.vocab_size = compat.output_vocab_size(model)
-        self.input_device = model.get_input_embeddings().weight.device
+        self.input_device = compat.input_device(model)
         parameters = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in parameters
         self._takes_logits_to_keep = "logits_to_keep" in parameters
@@ -45,6 +57,7 @@ class EagerRunner:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         self.cache = None
         logits = self._forward(input_ids.to(self.input_device), mask, positions, keep=1)[:, -1]
+        compat.check_supported_cache(self.cache, self.model)
         # The prompt's KV is computed once, then shared by its N particles.
         self.cache.batch_repeat_interleave(particles)
         self.attention_mask = mask.repeat_interleave(particles, dim=0)
@@ -71,6 +84,6 @@ class EagerRunner:
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.input_device)
-        self.cache.batch_select_indices(rows)
+        compat.select_cache_rows(self.cache, rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
