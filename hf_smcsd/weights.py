@@ -67,9 +67,11 @@ def normalized_weights(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
-    """`ESS = 1 / sum(w_bar^2)` per group; N for equal weights, 1 for a single survivor."""
+    """`ESS = 1 / sum(w_bar^2)` per group; N for equal weights, 1 for a single survivor,
+    and 0 for a group whose weights are all zero (no particle carries information)."""
     w = normalized_weights(log_weights)
-    return 1.0 / (w * w).sum(dim=-1)
+    ess = 1.0 / (w * w).sum(dim=-1)
+    return torch.where(torch.isneginf(log_weights).all(dim=-1), torch.zeros_like(ess), ess)
 
 
 def log_mean_weight(log_weights: torch.Tensor) -> torch.Tensor:

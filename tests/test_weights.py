@@ -216,7 +216,7 @@ def test_all_dead_group_is_uniform_no_nan():
     ess = effective_sample_size(lw)
     assert not torch.isnan(w).any() and not torch.isnan(ess).any()
     torch.testing.assert_close(w[0], torch.full((4,), 0.25, dtype=torch.float64))
-    torch.testing.assert_close(ess[0], torch.tensor(4.0, dtype=torch.float64))
+    torch.testing.assert_close(ess[0], torch.tensor(0.0, dtype=torch.float64))  # no information: 0, not N
     # The live group is untouched by the dead one: plain softmax.
     torch.testing.assert_close(w[1], torch.softmax(lw[1], dim=-1))
     assert w[1, 2] == 0.0
