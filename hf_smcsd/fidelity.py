@@ -29,13 +29,15 @@ def exact_distribution(
     temperature: float = 1.0,
     eos_token_ids: tuple[int, ...] = (),
     logits_processor=None,
+    alpha: float = 1.0,
 ) -> dict[tuple[int, ...], float]:
     """Probability of every output (new tokens, cut after the first stop token).
 
     Scores all `V ** max_new_tokens` continuations in one batched forward; keep V and the
     length small. With `logits_processor` (a transformers `LogitsProcessorList`, which
     then also carries the temperature), each position's scores are processed as
-    transformers' sampling does, seeing the sequence up to that position.
+    transformers' sampling does, seeing the sequence up to that position. With `alpha`
+    != 1 it is the power-tempered target `prod_t p(x_t)^alpha`, normalised over outputs.
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     continuations = torch.tensor(list(itertools.product(range(vocab), repeat=max_new_tokens)))
@@ -61,12 +63,13 @@ def exact_distribution(
     # Each truncated output is reached by V^(cut tokens) continuations sharing its probability:
     # count it once (the first continuation, with all cut tokens 0).
     distribution: dict[tuple[int, ...], float] = {}
-    for sequence, lp in zip(map(tuple, continuations.tolist()), seq_log_p.tolist()):
+    for sequence, lp in zip(map(tuple, continuations.tolist()), (alpha * seq_log_p).tolist()):
         out = _truncate(sequence, eos)
         if len(out) < len(sequence) and any(sequence[len(out) :]):
             continue
         distribution[out] = distribution.get(out, 0.0) + math.exp(lp)
-    return distribution
+    total = sum(distribution.values())
+    return {key: value / total for key, value in distribution.items()}
 
 
 def empirical_distribution(samples: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:

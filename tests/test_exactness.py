@@ -38,11 +38,11 @@ def outputs(sequences, prompt_length):
     return result
 
 
-def smc_tv(target, draft, exact, particles, gamma, prompt=PROMPT, seed=0):
+def smc_tv(target, draft, exact, particles, gamma, prompt=PROMPT, seed=0, **kwargs):
     ids = torch.tensor([prompt] * SAMPLES)  # SAMPLES independent runs in one batch
     torch.manual_seed(seed)
     out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), smc_particles=particles,
-                                smc_gamma=gamma, do_sample=True, temperature=1.0, max_new_tokens=NEW)
+                                smc_gamma=gamma, do_sample=True, temperature=1.0, max_new_tokens=NEW, **kwargs)
     return total_variation(exact, empirical_distribution(outputs(out, len(prompt))))
 
 
@@ -67,6 +67,18 @@ def test_total_variation_shrinks_as_particles_grow(enumerable):
     assert tvs[1] > 3 * noise, "the draft must be distinguishable from the target for this test to mean anything"
     assert tvs[4] < tvs[1] - noise
     assert tvs[16] < tvs[4] - noise
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_power_target_is_approached_as_particles_grow(enumerable, alpha):
+    """smc_alpha targets prod p^alpha over whole outputs (not each token's p^alpha / Z)."""
+    target, draft, exact, _ = enumerable
+    powered = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), alpha=alpha)
+    noise = noise_bound(powered, SAMPLES)
+    assert total_variation(powered, exact) > 3 * noise
+    tvs = {n: smc_tv(target, draft, powered, particles=n, gamma=1, smc_alpha=alpha) for n in (1, 16)}
+    print(f"alpha={alpha} TV by N:", {n: round(tv, 4) for n, tv in tvs.items()}, "noise bound", round(noise, 4))
+    assert tvs[16] < tvs[1] - noise
 
 
 def test_batch_of_prompts_behaves_like_each_alone(enumerable):
