@@ -10,7 +10,19 @@ from .smc import SMCResult, SMCSettings, smc_sample
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name):
+    # TensorRT-LLM is optional and imported only when its engine model is asked for.
+    if name == "TRTModel":
+        from .runners.tensorrt import TRTModel
+
+        return TRTModel
+    raise AttributeError(f"module 'hf_smcsd' has no attribute {name!r}")
+
+
 __all__ = [
+    "TRTModel",
     "patch",
     "smc_generate",
     "smc_sample",

@@ -1,0 +1,229 @@
+"""The manifest written beside every engine, and the checks made when an engine is loaded.
+
+An engine is compiled for fixed limits: the batch (prompts x particles), the tokens one row
+may add per step (K+1 for the target, 2 for the draft), the prompt and total lengths, the
+KV block size, the tensor-parallel size. `smcsd_manifest.json` records them with where the
+weights came from and how the engine was built; `check_manifest` compares them with what a
+generate() call asks for and says exactly what to rebuild when something does not fit.
+
+Pure Python: nothing here imports TensorRT-LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+MANIFEST_NAME = "smcsd_manifest.json"
+FORMAT = "hf-smcsd-engine/1"
+TRTLLM_PIN = "1.2.1"  # the last TensorRT-LLM line that builds engines (see trt_engines/README.md)
+ROLES = ("target", "draft")
+
+
+class EngineMismatchError(ValueError):
+    """An engine cannot serve the requested generate() call; the message says what to rebuild."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one engine was compiled to serve."""
+
+    max_prompts: int  # prompts per generate() call
+    particles: int  # N
+    max_batch_size: int  # engine batch = max_prompts * particles (rows per step)
+    gamma: int  # K the SMC settings were built for
+    tokens_per_step: int  # tokens one row may add per engine step: K+1 (target), 2 (draft)
+    max_input_len: int  # longest prompt
+    max_output_len: int  # max_new_tokens
+    max_seq_len: int  # prompt + new tokens (passed to trtllm-build)
+    max_num_tokens: int  # tokens per engine step over all rows
+    tokens_per_block: int  # KV block size
+
+    def __post_init__(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Engine limit {item.name}={value!r}: use an integer >= 1.")
+        if self.max_batch_size < self.max_prompts * self.particles:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} is smaller than max_prompts x particles = "
+                f"{self.max_prompts * self.particles}."
+            )
+        if self.max_seq_len < self.max_input_len + 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} leaves no room after max_input_len={self.max_input_len}.")
+
+    @property
+    def max_draft_len(self) -> int:
+        """TensorRT-LLM's name for the extra tokens per step (`--max_draft_len`)."""
+        return self.tokens_per_step - 1
+
+
+def make_manifest(
+    *,
+    role: str,
+    source_model: str,
+    dtype: str,
+    tp_size: int,
+    limits: EngineLimits,
+    build_flags: dict,
+    steps: list[list[str]],
+    model: dict | None,
+    trtllm_version: str,
+    status: str,
+) -> dict:
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: use 'target' or 'draft'.")
+    return {
+        "format": FORMAT,
+        "role": role,
+        "status": status,  # "built", or "planned" for a --dry-run
+        "source_model": source_model,
+        "model": model,  # architecture, vocab_size, layers, heads from the source config (None if unread)
+        "dtype": dtype,
+        "tp_size": tp_size,
+        "pp_size": 1,
+        "limits": asdict(limits),
+        "build_flags": build_flags,  # what SMC-SD relies on: paged KV, multi-token steps, logits per position
+        "steps": [shlex.join(step) for step in steps],
+        "tensorrt_llm_version": trtllm_version,
+    }
+
+
+def write_manifest(engine_dir: str | Path, manifest: dict) -> Path:
+    path = Path(engine_dir) / MANIFEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {engine_dir}: this is not an engine directory made by "
+            "`hf-smcsd build-engines` (run it, or pass the directory it wrote)."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise EngineMismatchError(
+            f"{path} has format {manifest.get('format')!r}, this hf-smcsd reads {FORMAT!r}: rebuild the engine "
+            "with this version's `hf-smcsd build-engines`."
+        )
+    EngineLimits(**manifest["limits"])  # validates
+    return manifest
+
+
+def limits_of(manifest: dict) -> EngineLimits:
+    return EngineLimits(**manifest["limits"])
+
+
+def rebuild_hint(manifest: dict, **needed) -> str:
+    """A `hf-smcsd build-engines` command line with the limits raised to what is needed."""
+    limits = limits_of(manifest)
+    values = {
+        "--max-prompts": max(limits.max_prompts, needed.get("prompts") or 0),
+        "--particles": max(limits.particles, needed.get("particles") or 0),
+        "--gamma": max(limits.gamma, needed.get("gamma") or 0),
+        "--max-input-len": max(limits.max_input_len, needed.get("max_prompt_len") or 0),
+        "--max-output-len": max(limits.max_output_len, needed.get("max_new_tokens") or 0),
+        "--tokens-per-block": limits.tokens_per_block,
+    }
+    parts = ["hf-smcsd build-engines", "--target <target checkpoint>", "--draft <draft checkpoint>",
+             f"--dtype {manifest['dtype']}", f"--tp-size {manifest['tp_size']}"]
+    parts += [f"{flag} {value}" for flag, value in values.items()]
+    return " ".join(parts)
+
+
+def check_manifest(
+    manifest: dict,
+    *,
+    particles: int | None = None,
+    gamma: int | None = None,
+    prompts: int | None = None,
+    max_prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
+    world_size: int | None = None,
+) -> list[str]:
+    """Every reason this engine cannot serve the request (empty list: it fits).
+
+    Arguments left as None are not checked (a runner learns N and the prompts at prefill).
+    """
+    problems = []
+    limits = limits_of(manifest)
+    name = f"{manifest['role']} engine"
+    if manifest.get("status") != "built":
+        problems.append(
+            f"{name} was never built (manifest status {manifest.get('status')!r}, e.g. from --dry-run): "
+            "run the build steps."
+        )
+    if particles is not None and prompts is not None and prompts * particles > limits.max_batch_size:
+        problems.append(
+            f"{name} batch is {limits.max_batch_size} rows but {prompts} prompts x {particles} particles = "
+            f"{prompts * particles}: pass fewer prompts per call, or rebuild with --max-prompts {prompts} "
+            f"--particles {particles}."
+        )
+    elif particles is not None and particles > limits.max_batch_size:
+        problems.append(
+            f"{name} batch is {limits.max_batch_size} rows, fewer than smc_particles={particles}: rebuild with "
+            f"--particles {particles}."
+        )
+    if gamma is not None and manifest["role"] == "target" and gamma + 1 > limits.tokens_per_step:
+        problems.append(
+            f"{name} verifies at most {limits.tokens_per_step} tokens per row per step but smc_gamma={gamma} "
+            f"needs K+1 = {gamma + 1}: use smc_gamma <= {limits.tokens_per_step - 1}, or rebuild with --gamma {gamma}."
+        )
+    if max_prompt_len is not None and max_prompt_len > limits.max_input_len:
+        problems.append(
+            f"{name} takes prompts of up to {limits.max_input_len} tokens but one has {max_prompt_len}: "
+            f"rebuild with --max-input-len {max_prompt_len}."
+        )
+    if max_prompt_len is not None and max_new_tokens is not None and max_prompt_len + max_new_tokens > limits.max_seq_len:
+        room = limits.max_seq_len - max_prompt_len
+        problems.append(
+            f"{name} holds {limits.max_seq_len} tokens per row: a {max_prompt_len}-token prompt leaves room for "
+            f"{room} new tokens, not max_new_tokens={max_new_tokens}: ask for fewer, or rebuild with "
+            f"--max-output-len {max_new_tokens} (and --max-input-len >= {max_prompt_len})."
+        )
+    tp = int(manifest["tp_size"])
+    if world_size is not None and tp > 1 and world_size != tp:
+        problems.append(
+            f"{name} was built with tensor parallelism {tp} but this process group has {world_size} rank(s): "
+            f"launch with `mpirun -n {tp} python <your script>`."
+        )
+    return problems
+
+
+def require_fits(manifest: dict, **request) -> None:
+    """Raise `EngineMismatchError` listing every problem `check_manifest` finds."""
+    problems = check_manifest(manifest, **request)
+    if problems:
+        hint = rebuild_hint(manifest, **request)
+        lines = "\n  - ".join(problems)
+        raise EngineMismatchError(
+            f"The {manifest['role']} engine built from {manifest['source_model']} cannot serve this call:\n  - {lines}\n"
+            f"Rebuild both engines with, for example:\n  {hint}"
+        )
+
+
+def check_pair(target: dict, draft: dict) -> list[str]:
+    """Problems that make two engines unusable together."""
+    problems = []
+    if target["role"] != "target":
+        problems.append(f"the target engine's manifest says role={target['role']!r}.")
+    if draft["role"] != "draft":
+        problems.append(f"the draft engine's manifest says role={draft['role']!r}.")
+    target_vocab = (target.get("model") or {}).get("vocab_size")
+    draft_vocab = (draft.get("model") or {}).get("vocab_size")
+    if target_vocab and draft_vocab and target_vocab != draft_vocab:
+        problems.append(
+            f"target vocabulary {target_vocab} != draft vocabulary {draft_vocab}: SMC-SD needs one shared tokenizer."
+        )
+    t, d = limits_of(target), limits_of(draft)
+    if d.max_batch_size < t.max_batch_size:
+        problems.append(
+            f"draft batch {d.max_batch_size} < target batch {t.max_batch_size}: build both in one "
+            "`hf-smcsd build-engines` call."
+        )
+    return problems
