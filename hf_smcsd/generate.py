@@ -104,30 +104,24 @@ def smc_generate(model, draft, input_ids=None, **kwargs):
     return _dispatch(model, stock_generate, (input_ids,) if input_ids is not None else (), dict(kwargs, assistant_model=draft))
 
 
-def _knob(name: str, kwargs: dict, generation_config, model):
-    if name in kwargs:
-        return kwargs.pop(name)
-    for config in (generation_config, getattr(model, "generation_config", None)):
-        if config is not None and getattr(config, name, None) is not None:
-            return getattr(config, name)
-    return SMC_KNOBS[name]
-
-
-def _setting(name: str, kwargs: dict, generation_config, model):
-    """A plain generate() argument as generate() will resolve it (kwarg > config > model)."""
+def _setting(name: str, kwargs: dict, generation_config, model, default=None):
+    """A generate() argument as generate() resolves it: keyword, else the generation config
+    passed in, else the model's generation config, else `default`."""
     if kwargs.get(name) is not None:
         return kwargs[name]
     for config in (generation_config, getattr(model, "generation_config", None)):
         if config is not None and getattr(config, name, None) is not None:
             return getattr(config, name)
-    return None
+    return default
 
 
 def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     generation_config = kwargs.get("generation_config")
     if generation_config is None and len(args) > 1:
         generation_config = args[1]
-    knobs = {name: _knob(name, kwargs, generation_config, model) for name in SMC_KNOBS}
+    knobs = {name: _setting(name, kwargs, generation_config, model, default) for name, default in SMC_KNOBS.items()}
+    for name in SMC_KNOBS:  # stock generate() would reject them as unused model kwargs
+        kwargs.pop(name, None)
     if knobs["smc_particles"] is None:
         return original_generate(*args, **kwargs)
 
