@@ -1,10 +1,12 @@
 """Offline demo: the target alone vs SMC speculative decoding, same prompts, same sampling.
 
-Everything is built on the spot, so nothing is downloaded: a seeded random Llama target
-(6 layers, hidden 256) and, as draft, its first layer alone (`hf_smcsd.tiny`), and a 512-token
-byte-level BPE tokenizer trained in a fraction of a second on the source of Python's `json`
-package. Being random, the models write gibberish; the demo shows the API, the timings and
-SMC-SD's diagnostics, not quality (a trained pair replaces them later).
+Nothing is downloaded. By default it uses the project's small trained pair, committed in
+`examples/models/` (a 4-layer Llama target and a 1-layer draft trained on the Python
+standard library and on `a+b=c` arithmetic by `build_scripts/train_pair.py`), so the text
+is Python-like code. If those files are missing, or with `--random`, it falls back to a
+seeded random Llama target (6 layers, hidden 256) with its first layer as draft and a
+512-token BPE trained in a fraction of a second on the source of Python's `json` package:
+the text is then gibberish, and only speed and diagnostics mean anything.
 
     python examples/demo.py --particles 8 --gamma 4 --batch-size 4 --json results/demo.json
 """
@@ -23,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -32,6 +35,7 @@ from transformers import PreTrainedTokenizerFast
 import hf_smcsd
 from hf_smcsd.tiny import tiny_llama, truncated_copy
 
+TRAINED_PAIR = Path(__file__).resolve().parent / "models"
 VOCAB_SIZE = 512
 TEMPERATURE = 0.7
 PAD = "<|pad|>"
@@ -61,6 +65,25 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, padding_side="left")
 
 
+def trained_pair_available() -> bool:
+    return all((TRAINED_PAIR / name / f).exists() for name in ("target", "draft")
+               for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def load_trained_pair():
+    """The committed pair, in float32 (stored in float16, which CPUs compute slowly)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(name):
+        try:
+            return AutoModelForCausalLM.from_pretrained(TRAINED_PAIR / name, dtype=torch.float32).eval()
+        except TypeError:  # transformers < 4.56
+            return AutoModelForCausalLM.from_pretrained(TRAINED_PAIR / name, torch_dtype=torch.float32).eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(TRAINED_PAIR / "target", padding_side="left")
+    return tokenizer, load("target"), load("draft")
+
+
 def build_models(max_positions: int):
     # The draft is the target's first layer (a layer-skip draft): related to the target as a
     # real draft is, and about 6x cheaper per token in its layers.
@@ -88,32 +111,48 @@ def main(argv=None) -> int:
                         "spin and contend on a small shared machine; 0 keeps torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is shown")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
+    parser.add_argument("--random", action="store_true",
+                        help="use the seeded random pair even when the trained pair in examples/models exists")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size, --repeats and --max-new-tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    trained = trained_pair_available() and not args.random
     print("hf-smcsd offline demo: the target alone vs SMC-SD (target + draft)")
-    print("NOTE: the models are random (seeded) and the tokenizer is a 512-token BPE trained on the")
-    print("      json package's source, so the text below is gibberish. Only speed and diagnostics mean")
-    print("      anything here; a trained model pair replaces these in a later version.")
+    if trained:
+        print(f"models: the trained pair in {TRAINED_PAIR} (Python code and a+b=c arithmetic; small models,")
+        print("        so expect plausible-looking but imperfect code)")
+    else:
+        if not args.random:
+            print(f"NOTE: the trained pair is missing from {TRAINED_PAIR} (python build_scripts/train_pair.py makes it);")
+            print("      falling back to random models.")
+        print("NOTE: the models are random (seeded) and the tokenizer is a 512-token BPE trained on the")
+        print("      json package's source, so the text below is gibberish. Only speed and diagnostics mean")
+        print("      anything here.")
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}")
 
-    tokenizer = build_tokenizer()
+    if trained:
+        tokenizer, target, draft = load_trained_pair()
+    else:
+        tokenizer = build_tokenizer()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     prompt_len = enc["input_ids"].shape[1]
-    target, draft = build_models(max(512, prompt_len + args.max_new_tokens + args.gamma + 8))
+    if not trained:
+        target, draft = build_models(max(512, prompt_len + args.max_new_tokens + args.gamma + 8))
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"target: {n_params(target) / 1e6:.2f}M params, draft: {n_params(draft) / 1e6:.2f}M params, "
           f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, temperature {TEMPERATURE}, "
           f"particles {args.particles}, gamma {args.gamma}, seed {args.seed}")
 
     model = hf_smcsd.patch(target)  # without smc_particles, generate() is the stock one
+    # top_k=0: the full distribution. eos_token_id=None: every method writes exactly
+    # max_new_tokens, so that tokens/s compare like with like.
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=TEMPERATURE,
-                    top_k=0, pad_token_id=tokenizer.pad_token_id)  # top_k=0: the full distribution
+                    top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     methods = {
         "target": lambda: model.generate(**enc, **sampling),
         "smc-sd": lambda: model.generate(
@@ -174,7 +213,8 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         report = {
-            "config": vars(args) | {"temperature": TEMPERATURE, "prompts": prompts, "prompt_tokens": prompt_len},
+            "config": vars(args) | {"temperature": TEMPERATURE, "prompts": prompts, "prompt_tokens": prompt_len,
+                                    "models": str(TRAINED_PAIR) if trained else "random"},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "hf_smcsd": hf_smcsd.__version__},
             "threads": torch.get_num_threads(),

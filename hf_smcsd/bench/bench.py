@@ -1,0 +1,509 @@
+"""`hf-smcsd bench`: speed of the target alone, transformers' assisted generation and SMC-SD,
+side by side, on the same prompts, `max_new_tokens` and temperature, in one process.
+
+    hf-smcsd bench                                   # the committed pair, CPU, a few minutes
+    hf-smcsd bench --batch-sizes 1,8,32 --particles 1,2,4,8,16 --gammas 2,4,8 --repeats 5
+    hf-smcsd bench --target meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct \\
+        --device cuda --dtype bfloat16 --max-new-tokens 256 --batch-sizes 1,8,32
+
+For every configuration: tokens/s (median over `--repeats` timed runs after `--warmup`
+untimed ones; methods are interleaved within each repeat so that they see the same load),
+speedups over the target alone and over the fastest assisted-generation setting, and the
+mean target log-likelihood per generated token (a fidelity check: samples of the target
+itself set the reference). For SMC-SD also the mean ESS, the resampling rate and the time
+of one instrumented run split per round into draft / verify / resample / prefill / other.
+Assisted generation in transformers runs batch size 1 only: larger batches are listed as
+unavailable, not as zero. Writes bench.csv, bench.json and two PNG plots into `--out-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import common, data
+
+ASSISTED_UNAVAILABLE = "transformers' assisted generation supports batch size 1 only"
+COLUMNS = [
+    "method", "batch_size", "particles", "gamma", "available", "tokens_per_s", "tokens_per_s_repeats",
+    "seconds_median", "new_tokens", "speedup_vs_target", "speedup_vs_assisted", "target_loglik_per_token",
+    "target_loglik_stderr", "mean_ess", "mean_ess_fraction", "resample_rate", "rounds",
+    "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
+    "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other", "note",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # "target", "assisted" or "smc-sd"
+    batch_size: int
+    particles: int | None = None
+    gamma: int | str | None = None  # assisted: an int or "default" (transformers' own settings)
+
+    @property
+    def available(self) -> bool:
+        return not (self.method == "assisted" and self.batch_size > 1)
+
+    @property
+    def label(self) -> str:
+        if self.method == "smc-sd":
+            return f"smc-sd N={self.particles} K={self.gamma} b={self.batch_size}"
+        if self.method == "assisted":
+            return f"assisted K={self.gamma} b={self.batch_size}"
+        return f"target b={self.batch_size}"
+
+
+def build_configs(batch_sizes, particles, gammas, assisted_gammas) -> list[Config]:
+    configs = []
+    for b in batch_sizes:
+        configs.append(Config("target", b))
+        configs.extend(Config("assisted", b, gamma=g) for g in assisted_gammas)
+        configs.extend(Config("smc-sd", b, particles=n, gamma=k) for n in particles for k in gammas)
+    return configs
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+class assistant_settings:
+    """Temporarily set how many tokens transformers' assistant drafts per step (read from the
+    *draft's* generation config): an int K means K, constant, no confidence early exit;
+    "default" keeps transformers' own settings."""
+
+    NAMES = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+    def __init__(self, draft, gamma):
+        self.config, self.gamma = draft.generation_config, gamma
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.config, name, None) for name in self.NAMES}
+        if self.gamma != "default":
+            self.config.num_assistant_tokens = int(self.gamma)
+            self.config.num_assistant_tokens_schedule = "constant"
+            self.config.assistant_confidence_threshold = 0.0
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.config, name, value)
+        return False
+
+
+def generate_once(config: Config, target, draft, input_ids, attention_mask, sampling: dict):
+    """One generate() call of a configuration: (new tokens [B, W], the raw output)."""
+    if config.method == "target":
+        out = target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)
+        return out[:, input_ids.shape[1]:], out
+    if config.method == "assisted":
+        with assistant_settings(draft, config.gamma):
+            out = target.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
+                                  **sampling)
+        return out[:, input_ids.shape[1]:], out
+    out = target.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
+                          smc_particles=config.particles, smc_gamma=config.gamma, return_dict_in_generate=True,
+                          **sampling)
+    return out.sequences[:, input_ids.shape[1]:], out
+
+
+def smc_diagnostics(outputs: list) -> dict:
+    """Mean ESS (over prompts, rounds and repeats), ESS / N, resamples per prompt-round."""
+    ess_values, resamples, prompt_rounds, rounds = [], 0, 0, []
+    for out in outputs:
+        for trace in out.ess:
+            if len(trace):
+                ess_values.append(float(trace.double().mean()))
+            prompt_rounds += len(trace)
+        resamples += int(out.num_resamples.sum())
+        rounds.append(int(out.num_rounds))
+    particles = outputs[0].particle_sequences.shape[1]
+    mean_ess = sum(ess_values) / len(ess_values) if ess_values else float("nan")
+    return {
+        "mean_ess": mean_ess,
+        "mean_ess_fraction": mean_ess / particles,
+        "resample_rate": resamples / prompt_rounds if prompt_rounds else float("nan"),
+        "rounds": common.median([float(r) for r in rounds]),
+    }
+
+
+def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_sizes, particles, gammas,
+              assisted_gammas=("default",), max_new_tokens=64, temperature=0.7, repeats=3, warmup=1,
+              seed=0, stop_ids=(), ignore_eos=True, device=None, log=print) -> list[dict]:
+    """Measure every configuration; returns one row (dict with `COLUMNS`) per configuration.
+
+    `prompts` are token-id lists; batch size b uses the first b. With `ignore_eos` every
+    method writes exactly `max_new_tokens` tokens (the usual benchmark setting); otherwise
+    generation stops at `stop_ids` and only tokens up to the stop are counted.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: use an integer >= 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: use an integer >= 0")
+    if max(batch_sizes) > len(prompts):
+        raise ValueError(f"batch_sizes={list(batch_sizes)}: only {len(prompts)} prompts are available")
+    device = device or target.get_input_embeddings().weight.device
+    stops = [] if ignore_eos else list(stop_ids)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id, eos_token_id=None if ignore_eos else stops)
+    configs = build_configs(batch_sizes, particles, gammas, assisted_gammas)
+    runnable = [c for c in configs if c.available]
+    batches = {b: left_pad(prompts[:b], pad_id) for b in batch_sizes}
+    times = {c: [] for c in runnable}
+    counts = {c: [] for c in runnable}
+    outputs = {c: [] for c in runnable}
+    new_tokens = {c: [] for c in runnable}
+
+    def call(config, run_seed):
+        ids, mask = batches[config.batch_size]
+        ids, mask = ids.to(device), mask.to(device)
+        torch.manual_seed(run_seed)
+        common.synchronize(device)
+        start = time.perf_counter()
+        tokens, out = generate_once(config, target, draft, ids, mask, sampling)
+        common.synchronize(device)
+        return time.perf_counter() - start, tokens.cpu(), out
+
+    with torch.inference_mode():
+        for w in range(warmup):
+            for config in runnable:
+                call(config, seed + 10_000 + w)
+        for r in range(repeats):
+            for config in runnable:  # interleaved: every method sees the same machine load
+                seconds, tokens, out = call(config, seed + r)
+                lengths = common.new_token_counts(tokens, stops)
+                times[config].append(seconds)
+                counts[config].append(lengths)
+                new_tokens[config].append(tokens)
+                if config.method == "smc-sd":
+                    outputs[config].append(out)
+            log(f"bench: repeat {r + 1}/{repeats} done")
+
+        # One instrumented run per SMC-SD configuration: the time split per round.
+        splits = {}
+        for config in runnable:
+            if config.method != "smc-sd":
+                continue
+            timer = common.Timer(device)
+            with common.instrumented(target, draft, timer):
+                seconds, _, out = call(config, seed + 20_000)
+            splits[config] = common.time_split(timer, seconds, out.num_rounds)
+
+        # Fidelity check: the target's log-likelihood of what each method wrote.
+        logliks = {}
+        for config in runnable:
+            ids, mask = batches[config.batch_size]
+            values = []
+            for tokens, lengths in zip(new_tokens[config], counts[config]):
+                values.append(common.target_log_likelihood(target, ids, mask, tokens, lengths, temperature))
+            logliks[config] = common.mean_and_stderr(torch.cat(values).tolist())
+
+    rows = []
+    for config in configs:
+        row = {"method": config.method, "batch_size": config.batch_size, "particles": config.particles,
+               "gamma": config.gamma, "available": config.available, "note": ""}
+        if not config.available:
+            row["note"] = ASSISTED_UNAVAILABLE
+            rows.append(row)
+            continue
+        rates = [int(c.sum()) / s for c, s in zip(counts[config], times[config])]
+        row.update(tokens_per_s=common.median(rates), tokens_per_s_repeats=rates,
+                   seconds_median=common.median(times[config]), new_tokens=int(counts[config][0].sum()),
+                   target_loglik_per_token=logliks[config][0], target_loglik_stderr=logliks[config][1])
+        if config.method == "smc-sd":
+            row.update(smc_diagnostics(outputs[config]))
+            row.update(splits[config])
+        rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup over the target alone (same batch size) and over the fastest assisted
+    setting (batch size 1 only; None where assisted generation is unavailable)."""
+    target = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["method"] == "target" and r["available"]}
+    assisted = {}
+    for r in rows:
+        if r["method"] == "assisted" and r["available"]:
+            assisted[r["batch_size"]] = max(assisted.get(r["batch_size"], 0.0), r["tokens_per_s"])
+    for r in rows:
+        if not r["available"]:
+            r["speedup_vs_target"] = r["speedup_vs_assisted"] = None
+            continue
+        b = r["batch_size"]
+        r["speedup_vs_target"] = r["tokens_per_s"] / target[b] if b in target else None
+        r["speedup_vs_assisted"] = r["tokens_per_s"] / assisted[b] if b in assisted else None
+
+
+def summarize(rows: list[dict], min_particles: int = 4) -> dict:
+    """Per batch size: the target, the best assisted setting, the fastest SMC-SD setting, and
+    the fastest with at least `min_particles` particles (N=1 is drafting with target bonus
+    tokens and no correction at all: fast, but not the target's distribution)."""
+    summary = {}
+    batch1_assisted = max((r["tokens_per_s"] for r in rows
+                           if r["method"] == "assisted" and r["batch_size"] == 1 and r["available"]), default=None)
+    for b in sorted({r["batch_size"] for r in rows}):
+        at_b = [r for r in rows if r["batch_size"] == b and r["available"]]
+        pick = lambda method: max((r for r in at_b if r["method"] == method),  # noqa: E731
+                                  key=lambda r: r["tokens_per_s"], default=None)
+        target, assisted, smc = pick("target"), pick("assisted"), pick("smc-sd")
+        corrected = max((r for r in at_b if r["method"] == "smc-sd" and r["particles"] >= min_particles),
+                        key=lambda r: r["tokens_per_s"], default=None)
+        summary[str(b)] = {
+            "target_tokens_per_s": target and target["tokens_per_s"],
+            "assisted_tokens_per_s": assisted["tokens_per_s"] if assisted else None,
+            "assisted_best_gamma": assisted["gamma"] if assisted else None,
+            "assisted_note": None if assisted else ASSISTED_UNAVAILABLE,
+            "smc_tokens_per_s": smc and smc["tokens_per_s"],
+            "smc_best": smc and {"particles": smc["particles"], "gamma": smc["gamma"]},
+            "smc_speedup_vs_target": smc and smc["speedup_vs_target"],
+            "smc_speedup_vs_assisted": smc["speedup_vs_assisted"] if smc else None,
+            # Throughput against serving the same prompts one by one with assisted generation
+            # (its batch-1 rate): the comparison that remains where batched assisted is unavailable.
+            "smc_throughput_vs_assisted_batch1": (smc["tokens_per_s"] / batch1_assisted
+                                                  if smc and batch1_assisted else None),
+            "min_particles": min_particles,
+            "smc_corrected_tokens_per_s": corrected and corrected["tokens_per_s"],
+            "smc_corrected_best": corrected and {"particles": corrected["particles"], "gamma": corrected["gamma"]},
+            "smc_corrected_speedup_vs_target": corrected and corrected["speedup_vs_target"],
+            "smc_corrected_speedup_vs_assisted": corrected["speedup_vs_assisted"] if corrected else None,
+        }
+    return summary
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'method':<9}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x assist':>10}"
+              f"{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}  split draft/verify/resample/prefill/other (ms/round)")
+    lines = [header, "-" * len(header)]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        if not r["available"]:
+            lines.append(f"{r['method']:<9}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
+                         f"{'n/a':>9}   unavailable: {r['note']}")
+            continue
+        split = ""
+        if r["method"] == "smc-sd":
+            split = "/".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in common.TIME_PARTS)
+        lines.append(
+            f"{r['method']:<9}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}{str(r['gamma'] or '-'):>8}"
+            f"{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
+            f"{r['target_loglik_per_token']:>12.3f}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
+            f"{fmt(r.get('resample_rate'), '.2f'):>8}  {split}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speed, gap) that no other point beats on both: faster or as
+    fast, and closer or as close to the target (gap = |loglik - target's|)."""
+    front = []
+    for i, (speed, gap) in enumerate(points):
+        dominated = any(
+            (s >= speed and g <= gap) and (s > speed or g < gap) for j, (s, g) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    plt = common.pyplot()
+    if plt is None:
+        return []
+    written = []
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.2 * len(batch_sizes), 4), squeeze=False)
+    for ax, b in zip(axes[0], batch_sizes):
+        smc = [r for r in rows if r["method"] == "smc-sd" and r["batch_size"] == b]
+        for k in sorted({r["gamma"] for r in smc}):
+            line = sorted((r for r in smc if r["gamma"] == k), key=lambda r: r["particles"])
+            ax.plot([r["particles"] for r in line], [r["tokens_per_s"] for r in line], "o-", label=f"SMC-SD K={k}")
+        target = [r for r in rows if r["method"] == "target" and r["batch_size"] == b]
+        if target:
+            ax.axhline(target[0]["tokens_per_s"], color="black", label="target alone")
+        assisted = [r for r in rows if r["method"] == "assisted" and r["batch_size"] == b and r["available"]]
+        if assisted:
+            best = max(assisted, key=lambda r: r["tokens_per_s"])
+            ax.axhline(best["tokens_per_s"], color="gray", linestyle="--", label=f"assisted (best, K={best['gamma']})")
+        else:
+            ax.text(0.02, 0.02, "assisted generation: unavailable\n(batch size 1 only)", transform=ax.transAxes,
+                    fontsize=8, color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("particles N")
+        ax.set_ylabel("new tokens / s")
+        ax.set_title(f"batch size {b}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "bench_tokens_per_s.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.2 * len(batch_sizes), 4), squeeze=False)
+    for ax, b in zip(axes[0], batch_sizes):
+        at_b = [r for r in rows if r["batch_size"] == b and r["available"]]
+        reference = next((r["target_loglik_per_token"] for r in at_b if r["method"] == "target"), None)
+        if reference is None:
+            continue
+        gaps = [abs(r["target_loglik_per_token"] - reference) for r in at_b]
+        speeds = [r["tokens_per_s"] for r in at_b]
+        front = pareto_front(list(zip(speeds, gaps)))
+        styles = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
+        for method, (marker, color) in styles.items():
+            pts = [(g, s, r) for g, s, r in zip(gaps, speeds, at_b) if r["method"] == method]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=method)
+        for g, s, r in zip(gaps, speeds, at_b):
+            if r["method"] == "smc-sd":
+                ax.annotate(f"{r['particles']},{r['gamma']}", (g, s), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+        ordered = sorted(front, key=lambda i: gaps[i])
+        ax.plot([gaps[i] for i in ordered], [speeds[i] for i in ordered], "-", color="tab:red", alpha=0.6,
+                label="Pareto front")
+        ax.set_xlabel("|target log-lik/token - target alone's| (nats; lower is closer)")
+        ax.set_ylabel("new tokens / s")
+        ax.set_title(f"speed vs fidelity, batch size {b} (labels N,K)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "bench_pareto.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="hf-smcsd bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    common.add_model_arguments(parser)
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
+    parser.add_argument("--particles", default="1,2,4,8", help="SMC-SD N grid (default 1,2,4,8)")
+    parser.add_argument("--gammas", default="2,4,8", help="SMC-SD K grid (default 2,4,8)")
+    parser.add_argument("--assisted-gammas", default="default,4",
+                        help="assisted generation settings: 'default' (transformers' own: 20 tokens with confidence "
+                        "early exit) and/or fixed K values (default: default,4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    parser.add_argument("--prompts-file", default=None,
+                        help="a text file of prompts separated by lines holding only '---' (default: code from "
+                        "held-out standard-library files)")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="stop at EOS and count tokens up to it (default: ignore EOS, every method writes "
+                        "exactly --max-new-tokens)")
+    parser.add_argument("--summary-min-particles", type=int, default=4,
+                        help="the summary also names the fastest SMC-SD setting with at least this many particles "
+                        "(N=1 has no correction at all)")
+    parser.add_argument("--out-dir", default="results", help="where bench.csv, bench.json and the plots go")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        args.batch_sizes = common.parse_int_list(args.batch_sizes, "--batch-sizes")
+        args.particles = common.parse_int_list(args.particles, "--particles")
+        args.gammas = common.parse_int_list(args.gammas, "--gammas")
+        assisted = [g.strip() for g in args.assisted_gammas.split(",") if g.strip()]
+        args.assisted_gammas = [g if g == "default" else common.parse_int_list(g, "--assisted-gammas")[0]
+                                for g in assisted]
+    except ValueError as error:
+        parser.error(str(error))
+    for name in ("max_new_tokens", "repeats", "summary_min_particles"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0 (got {args.warmup})")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0 (got {args.temperature}); every method here samples")
+    return parser, args
+
+
+def load_prompts(path: str | None, count: int) -> list[str]:
+    if path is None:
+        return data.code_prompts(count)
+    text = Path(path).read_text()
+    prompts = [p.strip("\n") for p in text.split("\n---\n") if p.strip()]
+    if len(prompts) < count:
+        raise ValueError(f"--prompts-file={path!r} holds {len(prompts)} prompts; the largest batch size needs {count}")
+    return prompts[:count]
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .fidelity import _quiet_transformers
+
+    _quiet_transformers()
+    try:
+        device = common.resolve_device(args.device)
+        dtype = common.resolve_dtype(args.dtype, device)
+        target, draft, tokenizer, names = common.load_pair(args.target, args.draft, device, dtype)
+        texts = load_prompts(args.prompts_file, max(args.batch_sizes))
+    except ValueError as error:
+        parser.error(str(error))
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stop_ids = [i for i in [tokenizer.eos_token_id] if i is not None]
+    info = common.hardware()
+    print(f"hf-smcsd bench: target {names['target']} ({common.count_parameters(target) / 1e6:.1f}M), "
+          f"draft {names['draft']} ({common.count_parameters(draft) / 1e6:.1f}M), {device} {dtype}, "
+          f"{info['processor']}, {torch.get_num_threads()} threads")
+    start = time.perf_counter()
+    rows = run_bench(target, draft, prompts, tokenizer.pad_token_id, batch_sizes=args.batch_sizes,
+                     particles=args.particles, gammas=args.gammas, assisted_gammas=args.assisted_gammas,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
+                     warmup=args.warmup, seed=args.seed, stop_ids=stop_ids, ignore_eos=not args.stop_at_eos,
+                     device=device)
+    elapsed = time.perf_counter() - start
+    summary = summarize(rows, min_particles=args.summary_min_particles)
+    print()
+    print(format_table(rows))
+    print()
+    for b, s in summary.items():
+        assisted = (f"{s['assisted_tokens_per_s']:.1f} tok/s (K={s['assisted_best_gamma']})"
+                    if s["assisted_tokens_per_s"] else "unavailable")
+        vs_assisted = f"{s['smc_speedup_vs_assisted']:.2f}x" if s["smc_speedup_vs_assisted"] else "n/a"
+        print(f"batch {b}: target {s['target_tokens_per_s']:.1f} tok/s, assisted {assisted}, best SMC-SD "
+              f"{s['smc_tokens_per_s']:.1f} tok/s (N={s['smc_best']['particles']}, K={s['smc_best']['gamma']}): "
+              f"{s['smc_speedup_vs_target']:.2f}x the target, {vs_assisted} assisted")
+        if s["smc_corrected_best"]:
+            vs = s["smc_corrected_speedup_vs_assisted"]
+            print(f"         best SMC-SD with N >= {s['min_particles']}: {s['smc_corrected_tokens_per_s']:.1f} tok/s "
+                  f"(N={s['smc_corrected_best']['particles']}, K={s['smc_corrected_best']['gamma']}): "
+                  f"{s['smc_corrected_speedup_vs_target']:.2f}x the target, "
+                  f"{f'{vs:.2f}x' if vs else 'n/a'} assisted")
+
+    out_dir = Path(args.out_dir)
+    common.write_csv(out_dir / "bench.csv", rows, COLUMNS)
+    settings = {k: v for k, v in vars(args).items()}
+    common.write_json(out_dir / "bench.json", {
+        "command": "hf-smcsd bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": settings, "models": names, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "hardware": info, "prompts": texts, "prompt_tokens": [len(p) for p in prompts],
+        "seconds": elapsed, "summary": summary, "rows": rows,
+    })
+    written = [out_dir / "bench.csv", out_dir / "bench.json"]
+    if not args.no_plots:
+        plots = plot(rows, out_dir)
+        if not plots:
+            print("matplotlib is not installed: no plots (pip install 'hf-smcsd[bench]')")
+        written += plots
+    print(f"\nwrote {', '.join(map(str, written))} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Helpers shared by `hf-smcsd bench` and `hf-smcsd fidelity`: loading a pair, timing,
+runner instrumentation, intervals, and writing CSV / JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..runners.eager import EagerRunner
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TARGET = REPO_ROOT / "examples" / "models" / "target"
+DEFAULT_DRAFT = REPO_ROOT / "examples" / "models" / "draft"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_int_list(value: str, name: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4], every entry >= 1; errors name the argument."""
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: use comma-separated integers, e.g. 1,2,4") from None
+    if not items or any(v < 1 for v in items):
+        raise ValueError(f"{name}={value!r}: use comma-separated integers >= 1, e.g. 1,2,4")
+    return items
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--target", default=None,
+                        help=f"target model: a local directory or a hub id (default: the committed pair, {DEFAULT_TARGET})")
+    parser.add_argument("--draft", default=None,
+                        help="draft model sharing the target's tokenizer (default: the committed pair's draft)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (the committed pair is stored in "
+                        "float16, which CPUs compute slowly)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: small models gain little from more on a shared machine; "
+                        "0 keeps torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device={name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name!r}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"--dtype={name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_causal_lm(name_or_path: str | Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    # On an accelerator, load the weights straight onto it (an 8B model need not pass through CPU memory).
+    placement = {} if device.type == "cpu" else {"device_map": str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **placement)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype, **placement)
+    return model.to(device).eval()
+
+
+def load_pair(target: str | None, draft: str | None, device: torch.device, dtype: torch.dtype):
+    """(patched target, draft, tokenizer with left padding, {'target': ..., 'draft': ...} names)."""
+    from transformers import AutoTokenizer
+
+    import hf_smcsd
+
+    if (target is None) != (draft is None):
+        raise ValueError("--target and --draft: pass both (a pair sharing one tokenizer) or neither (the committed pair)")
+    if target is None:
+        target, draft = str(DEFAULT_TARGET), str(DEFAULT_DRAFT)
+        missing = [p for p in (target, draft) if not (Path(p) / "config.json").exists()]
+        if missing:
+            raise ValueError(
+                f"the committed model pair is missing ({', '.join(missing)}): run "
+                "`python build_scripts/train_pair.py` to train it, or pass --target and --draft"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(target, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    target_model = hf_smcsd.patch(load_causal_lm(target, device, dtype))
+    draft_model = load_causal_lm(draft, device, dtype)
+    return target_model, draft_model, tokenizer, {"target": str(target), "draft": str(draft)}
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Accumulates wall time per named part; synchronizes CUDA so that the times are real."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def run(self, part: str, fn, *args):
+        synchronize(self.device)
+        start = time.perf_counter()
+        result = fn(*args)
+        synchronize(self.device)
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+        self.calls[part] = self.calls.get(part, 0) + 1
+        return result
+
+
+class TimedRunner:
+    """A `Runner` that forwards every call to `inner` and books its time: prefill under
+    `prefill`, extend under `extend_part` (draft or verify), reorder (the resampling cache
+    copies) under `resample`, keep under `other`."""
+
+    def __init__(self, inner, timer: Timer, extend_part: str):
+        self.inner, self.timer, self.extend_part = inner, timer, extend_part
+        self.vocab_size = inner.vocab_size
+
+    def prefill(self, input_ids, attention_mask, particles):
+        return self.timer.run("prefill", self.inner.prefill, input_ids, attention_mask, particles)
+
+    def extend(self, tokens):
+        return self.timer.run(self.extend_part, self.inner.extend, tokens)
+
+    def reorder(self, plan):
+        return self.timer.run("resample", self.inner.reorder, plan)
+
+    def keep(self, rows):
+        return self.timer.run("other", self.inner.keep, rows)
+
+
+class instrumented:
+    """Context manager: while active, generate() builds timed runners for `target` (verify)
+    and `draft` (draft), through the `smc_runner()` hook that `hf_smcsd.generate.make_runner`
+    honours. Nothing in the library changes; the hook is removed on exit."""
+
+    def __init__(self, target, draft, timer: Timer):
+        self.models = ((target, "verify"), (draft, "draft"))
+        self.timer = timer
+
+    def __enter__(self):
+        for model, part in self.models:
+            if "smc_runner" in vars(model):
+                raise RuntimeError("the model already has an instance-level smc_runner hook")
+            model.smc_runner = (lambda m=model, p=part: TimedRunner(EagerRunner(m), self.timer, p))
+        return self.timer
+
+    def __exit__(self, *exc):
+        for model, _ in self.models:
+            vars(model).pop("smc_runner", None)
+        return False
+
+
+TIME_PARTS = ("draft", "verify", "resample", "prefill", "other")
+
+
+def time_split(timer: Timer, total_seconds: float, rounds: int) -> dict[str, float]:
+    """ms per round of each part (`other` = total minus the measured parts: sampling,
+    weights, ESS, ancestor draws, bookkeeping, generate()'s own preparation)."""
+    measured = {part: timer.seconds.get(part, 0.0) for part in TIME_PARTS if part != "other"}
+    other = max(0.0, total_seconds - sum(measured.values()))
+    split = dict(measured, other=other)
+    rounds = max(rounds, 1)
+    result = {f"ms_per_round_{part}": 1000 * seconds / rounds for part, seconds in split.items()}
+    for part, seconds in split.items():
+        result[f"share_{part}"] = seconds / total_seconds if total_seconds > 0 else float("nan")
+    return result
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if trials < 1:
+        raise ValueError(f"trials={trials!r}: need at least one trial")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes={successes!r}: must lie in [0, trials={trials}]")
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends where rounding could miss them
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
+
+
+def mean_and_stderr(values: Iterable[float]) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return float("nan")
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def new_token_counts(new_tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Per row, the generated tokens up to and including the first stop token (all if none)."""
+    width = new_tokens.shape[1]
+    if not stop_ids or width == 0:
+        return torch.full((new_tokens.shape[0],), width, dtype=torch.long)
+    is_stop = torch.isin(new_tokens.cpu(), torch.tensor(stop_ids, dtype=torch.long))
+    first = is_stop.int().argmax(dim=1)
+    return torch.where(is_stop.any(dim=1), first + 1, torch.full_like(first, width))
+
+
+@torch.no_grad()
+def target_log_likelihood(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: torch.Tensor,
+                          lengths: torch.Tensor, temperature: float, chunk_rows: int = 8) -> torch.Tensor:
+    """Per row: mean log-probability per generated token under the target at `temperature`
+    (the distribution every method is meant to sample), `[rows]` float64."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.cat([prompt_ids, new_tokens], dim=1).to(device)
+    width = new_tokens.shape[1]
+    new_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    mask = torch.cat([prompt_mask.cpu(), new_mask], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    start = prompt_ids.shape[1]
+    pieces = []
+    for rows in torch.arange(ids.shape[0]).split(chunk_rows):  # bounds the [rows, T, vocab] logits
+        logits = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows]).logits
+        scores = torch.log_softmax(logits[:, start - 1 : -1].float() / temperature, dim=-1)
+        pieces.append(scores.gather(-1, new_tokens[rows].to(device).unsqueeze(-1)).squeeze(-1).double().cpu())
+    token_lp = torch.where(new_mask.bool(), torch.cat(pieces), 0.0)
+    return token_lp.sum(dim=1) / lengths.clamp(min=1)
+
+
+def hardware() -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    import transformers
+
+    import hf_smcsd
+
+    info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "hf_smcsd": hf_smcsd.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_csv_value(v) for v in value)
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_jsonable(payload), f, indent=2)
+        f.write("\n")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def pyplot():
+    """matplotlib's pyplot with the Agg backend, or None (plots are then skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
