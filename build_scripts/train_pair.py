@@ -280,6 +280,8 @@ def save_tokenizer(tokenizer, directory: Path) -> list[Path]:
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # Llama takes no token_type_ids; 4.57's PreTrainedTokenizerFast returns them unless told.
+    config["model_input_names"] = ["input_ids", "attention_mask"]
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return sorted(p for p in directory.iterdir() if p.is_file())
 
@@ -315,8 +317,9 @@ def write_model_card(out: Path, report: dict) -> Path:
         "",
         "A small target and draft that share one tokenizer, trained offline by",
         "`build_scripts/train_pair.py` on the Python standard library's source and on `a+b=c`",
-        "arithmetic (operands of 1 to 3 digits). They are for the offline demo, the benchmark and",
-        "the fidelity harness of hf-smcsd; they write Python-like code, not English.",
+        "arithmetic (operands of 1 to 3 digits, written at fixed width: `007+045=0052`). They are for",
+        "the offline demo, the benchmark and the fidelity harness of hf-smcsd; they write Python-like",
+        "code, not English.",
         "",
         f"Command: `{report['command'].strip()}` "
         f"({report['wall_seconds'] / 60:.0f} min wall time, {report['args']['threads']} thread(s); "
@@ -337,7 +340,7 @@ def write_model_card(out: Path, report: dict) -> Path:
         "",
         f"Tokenizer: byte-level BPE, {report['args']['vocab_size']} tokens, digits split one by one; "
         "`<|endoftext|>` (id 0) is BOS/EOS, `<|pad|>` (id 1) pads, on the left. Arithmetic prompts",
-        "look like `<|endoftext|>123+45=` and the answer ends at the newline. Weights are stored in",
+        "look like `<|endoftext|>123+045=` and the answer (`0168`) ends at the newline. Weights are stored in",
         "float16; load them in float32 on a CPU (`dtype=torch.float32`). Every 50th standard-library",
         "file and a fixed 1-in-20 subset of all problems were held out (`hf_smcsd/bench/data.py`).",
         "`training.json` holds every setting and number.",

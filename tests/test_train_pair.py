@@ -144,6 +144,7 @@ def test_checkpoints_are_half_precision_and_load_with_the_tokenizer_class(train_
     assert loaded("12+3=", add_special_tokens=False)["input_ids"] == tokenizer("12+3=", add_special_tokens=False)[
         "input_ids"]
     assert loaded.padding_side == "left"
+    assert "token_type_ids" not in loaded("12+3=")  # Llama takes none; 4.57 adds them unless told
 
 
 @pytest.mark.parametrize("argv, named", [
