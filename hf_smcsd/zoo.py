@@ -66,6 +66,18 @@ def _decoder(**kwargs) -> dict[str, Any]:
 # several extends), so the window really slides in the tests.
 SLIDING_WINDOW = 4
 
+# Gemma 2 and Gemma 3 text share the shape that matters here: alternating sliding / full
+# layers and soft-capping (eager attention is what Gemma asks for with soft-capping).
+_GEMMA = dict(
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=SLIDING_WINDOW,
+    layer_types=["sliding_attention", "full_attention"],
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    attn_implementation="eager",
+)
+
 SUPPORTED: dict[str, Family] = {
     f.name: f
     for f in (
@@ -83,30 +95,14 @@ SUPPORTED: dict[str, Family] = {
             "gemma2",
             "Gemma2Config",
             "Gemma2ForCausalLM",
-            _decoder(
-                head_dim=8,
-                query_pre_attn_scalar=8,
-                sliding_window=SLIDING_WINDOW,
-                layer_types=["sliding_attention", "full_attention"],
-                attn_logit_softcapping=50.0,
-                final_logit_softcapping=30.0,
-                attn_implementation="eager",  # what Gemma 2 asks for with soft-capping
-            ),
+            _decoder(**_GEMMA),
             note="alternating sliding / full layers, attention and final logit soft-capping",
         ),
         Family(
             "gemma3",
             "Gemma3TextConfig",
             "Gemma3ForCausalLM",
-            _decoder(
-                head_dim=8,
-                query_pre_attn_scalar=8,
-                sliding_window=SLIDING_WINDOW,
-                layer_types=["sliding_attention", "full_attention"],
-                attn_logit_softcapping=50.0,
-                final_logit_softcapping=30.0,
-                attn_implementation="eager",
-            ),
+            _decoder(**_GEMMA),
             note="text-only Gemma 3: sliding / full layers with their own RoPE bases, soft-capping",
         ),
         Family(

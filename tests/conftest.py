@@ -30,3 +30,17 @@ def full_log_probs(model, tokens, temperature=1.0):
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float()
     return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def random_resample(runner, history, groups, n, generator, seed):
+    """Resample the runner's rows by random peaked weights, mirror the copies in `history`
+    (one token list per row), and check the runner's block tables stay consistent."""
+    from hf_smcsd.resampling import copy_plan, resample
+
+    weights = torch.rand(groups, n, generator=generator) ** 3
+    torch.manual_seed(seed)
+    plan = copy_plan(resample(weights / weights.sum(1, keepdim=True)))
+    runner.reorder(plan)
+    for d, s in zip(plan.dest.tolist(), plan.src.tolist()):
+        history[d] = list(history[s])
+    runner.tables.check()

@@ -9,7 +9,7 @@ from hf_smcsd.runners import EagerRunner, Runner
 from hf_smcsd.runners.paged import BlockAllocator, BlockCopies, BlockTables, PagedRunner
 from hf_smcsd.smc import SMCSettings, smc_sample
 
-from conftest import left_pad
+from conftest import left_pad, random_resample
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
 
@@ -197,13 +197,7 @@ def test_random_resamples_then_extend_equal_recompute(pair):
             runner.extend(step)
             for row in range(2 * n):
                 history[row] += step[row].tolist()
-            weights = torch.rand(2, n, generator=gen) ** 3
-            torch.manual_seed(width)
-            plan = copy_plan(resample(weights / weights.sum(1, keepdim=True)))
-            runner.reorder(plan)
-            for d, s in zip(plan.dest.tolist(), plan.src.tolist()):
-                history[d] = list(history[s])
-            runner.tables.check()
+            random_resample(runner, history, 2, n, gen, seed=width)
         last = torch.randint(0, 40, (2 * n, 2), generator=gen)
         logits = runner.extend(last)
         for row in range(2 * n):

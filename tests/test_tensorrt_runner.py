@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from hf_smcsd.engines.manifest import EngineLimits, EngineMismatchError, make_manifest
-from hf_smcsd.resampling import copy_plan, resample
 from hf_smcsd.runners import EagerRunner, Runner
 from hf_smcsd.runners.tensorrt import TensorRTRunner, causal_packed_mask
 from hf_smcsd.smc import SMCSettings, smc_sample
 
-from conftest import left_pad
+from conftest import left_pad, random_resample
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
 PAD_VOCAB = 3  # the engine's logits are vocab-padded (tp); the runner must cut them
@@ -161,13 +160,7 @@ def test_prefill_extend_resample_keep_equal_recompute(pair):
         for row in range(3 * n):
             history[row] += step[row].tolist()
             torch.testing.assert_close(logits[row], fresh_logits(model, history[row])[-width:], atol=1e-4, rtol=1e-4)
-        weights = torch.rand(3, n, generator=gen) ** 3
-        torch.manual_seed(width)
-        plan = copy_plan(resample(weights / weights.sum(1, keepdim=True)))
-        runner.reorder(plan)
-        for d, s in zip(plan.dest.tolist(), plan.src.tolist()):
-            history[d] = list(history[s])
-        runner.tables.check()
+        random_resample(runner, history, 3, n, gen, seed=width)
     runner.keep(torch.tensor([3, 4, 5]))
     last = torch.tensor([[1], [2], [3]])
     logits = runner.extend(last)
