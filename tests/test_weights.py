@@ -1,4 +1,4 @@
-"""Pure tensor math of hf_smcsd.weights: log-probs, Gumbel-max sampling, power tempering,
+"""Pure tensor math of hf_smcsd.weights: log-probs, inverse-CDF sampling, power tempering,
 normalised weights, ESS and the log mean weight."""
 
 import math
@@ -75,7 +75,7 @@ P6 = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.02, 0.28], dtype=torch.float64)
 M = 200_000
 
 
-def test_sample_gumbel_max_matches_distribution():
+def test_sample_matches_distribution():
     torch.manual_seed(2)
     log_p = P6.log().float()
     tokens = sample(log_p.expand(M, -1).contiguous())
@@ -88,7 +88,7 @@ def test_sample_gumbel_max_matches_distribution():
 
 
 def test_sample_unnormalised_log_p():
-    """Gumbel-max needs no normalisation: adding a per-row constant changes nothing."""
+    """No normalisation needed: adding a per-row constant changes nothing."""
     torch.manual_seed(3)
     log_p = (P6.log() + 17.0).float()
     tokens = sample(log_p.expand(M, -1).contiguous())
@@ -112,6 +112,36 @@ def test_sample_never_draws_neg_inf():
     assert (sample(one) == 4).all()
 
 
+def test_sample_top_uniform_never_reaches_zero_entries_at_the_end(monkeypatch):
+    """`uniform * total` can round up to the total itself (simulated here with u = 1.0); the
+    draw must still land on the last *positive* entry, not on the -inf tail."""
+    log_p = torch.tensor([[-0.1, -2.0, -3.0, float("-inf"), float("-inf")]] * 4)
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 1.0))
+    assert (sample(log_p) == 2).all()
+
+
+def test_sample_all_neg_inf_row_stays_in_range():
+    dead = torch.full((3, 5), float("-inf"))
+    tokens = sample(dead)
+    assert ((tokens >= 0) & (tokens < 5)).all()
+
+
+def test_sample_keeps_tokens_below_float32_resolution(monkeypatch):
+    """A tail of 1000 tokens at 1e-9 each, behind a head token at ~1: each step of the
+    running sum is below one float32 ulp (1 + 1e-9 == 1 in float32), so a float32 CDF can
+    only give tail tokens intervals of 0 or 1 ulp and picks a neighbour. The float64 CDF
+    keeps every interval: a uniform in the middle of token 500's interval picks token 500."""
+    p = torch.full((1001,), 1e-9, dtype=torch.float64)
+    p[0] = 1.0 - p[1:].sum()
+    log_p = p.log().float().unsqueeze(0)
+    assert float(torch.tensor(1.0, dtype=torch.float32) + 1e-9) == 1.0
+    cdf = torch.cumsum(torch.exp((log_p - log_p.amax()).double()), dim=-1)[0]
+    middle = float((cdf[499] + cdf[500]) / 2 / cdf[-1])
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, middle))
+    assert int(sample(log_p)) == 500
+
+
+
 def test_sample_batched_shape_and_reproducible():
     log_p = torch.log_softmax(torch.randn(3, 4, 11), dim=-1)
     torch.manual_seed(5)
@@ -126,9 +156,9 @@ def test_sample_batched_shape_and_reproducible():
 def test_sample_against_multinomial():
     torch.manual_seed(6)
     log_p = P6.log().float()
-    gumbel = sample(log_p.expand(M, -1).contiguous())
+    ours = sample(log_p.expand(M, -1).contiguous())
     multi = torch.multinomial(P6.float(), M, replacement=True)
-    tv = 0.5 * float((empirical(gumbel, 6) - empirical(multi, 6)).abs().sum())
+    tv = 0.5 * float((empirical(ours, 6) - empirical(multi, 6)).abs().sum())
     bound = tv_bound(P6, M, 8.0)  # 4x bound for each of the two empirical distributions
     assert tv < bound, (tv, bound)
 
