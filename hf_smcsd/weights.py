@@ -38,7 +38,7 @@ def sample(log_p: torch.Tensor) -> torch.Tensor:
     # of the partial sum (~6e-8 of the total) would get no interval at all.
     peak = log_p.amax(dim=-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a row of -inf: all zero
-    cdf = torch.cumsum(torch.exp((log_p - peak).double()), dim=-1)
+    cdf = torch.cumsum(torch.exp(log_p - peak).double(), dim=-1)  # exp in the input dtype: cheaper
     total = cdf[..., -1:]
     # u < total strictly, also after rounding the product, so the last positive entry is the
     # furthest `searchsorted` can go and zero-probability entries are never chosen.

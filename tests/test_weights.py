@@ -135,7 +135,7 @@ def test_sample_keeps_tokens_below_float32_resolution(monkeypatch):
     p[0] = 1.0 - p[1:].sum()
     log_p = p.log().float().unsqueeze(0)
     assert float(torch.tensor(1.0, dtype=torch.float32) + 1e-9) == 1.0
-    cdf = torch.cumsum(torch.exp((log_p - log_p.amax()).double()), dim=-1)[0]
+    cdf = torch.cumsum(torch.exp(log_p - log_p.amax()).double(), dim=-1)[0]
     middle = float((cdf[499] + cdf[500]) / 2 / cdf[-1])
     monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, middle))
     assert int(sample(log_p)) == 500
