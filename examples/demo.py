@@ -102,7 +102,7 @@ def timed(fn, seed: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--particles", type=int, default=8, help="SMC particles N per prompt (default 8)")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per SMC round (default 4)")
+    parser.add_argument("--gamma", type=int, default=8, help="draft tokens per SMC round (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0)
