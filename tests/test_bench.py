@@ -314,3 +314,54 @@ def test_gsm8k_answers_are_extracted_without_the_hub():
     assert gsm8k.predicted_answer("#### -5") == "-5"
     with pytest.raises(ValueError, match="solution"):
         gsm8k.gold_answer("no marker 5")
+
+
+def _bench_row(method, n, k, speedup, batch_size=1, available=True):
+    return {"method": method, "particles": n, "gamma": k, "batch_size": batch_size, "available": available,
+            "speedup_vs_target": speedup}
+
+
+def _task_row(method, n, k, accuracy):
+    return {"method": method, "particles": n, "gamma": k, "accuracy": accuracy, "accuracy_low": accuracy - 0.02,
+            "accuracy_high": accuracy + 0.02, "problems": 100}
+
+
+def test_speed_vs_accuracy_join_and_front(tmp_path, capsys, monkeypatch):
+    from hf_smcsd.bench import report as markdown
+
+    first = {"summary": {}, "rows": [
+        _bench_row("target", None, None, 1.0), _bench_row("assisted", None, "default", 0.7),
+        _bench_row("assisted", None, 4, 0.6), _bench_row("smc-sd", 4, 2, 1.5), _bench_row("smc-sd", 8, 2, 1.1),
+        _bench_row("smc-sd", 4, 2, 0.5, batch_size=8),  # another batch size: not joined
+        _bench_row("assisted", None, 4, None, batch_size=8, available=False),
+    ]}
+    second = {"summary": {}, "rows": [_bench_row("target", None, None, 1.0), _bench_row("smc-sd", 16, 2, 0.8),
+                                      _bench_row("smc-sd", 4, 2, 9.9)]}  # a repeat: the first report wins
+    fidelity = {"task": {"rows": [
+        _task_row("target", None, None, 0.95), _task_row("draft", None, None, 0.5), _task_row("assisted", None, 4, 0.94),
+        _task_row("smc-sd", 4, 2, 0.80), _task_row("smc-sd", 8, 2, 0.90), _task_row("smc-sd", 16, 2, 0.93),
+        _task_row("smc-sd", 32, 2, 0.95),  # no bench row: not joined
+    ]}}
+    joined = markdown.speed_vs_accuracy([first, second], [fidelity])
+    by_name = {markdown._name(r): r for r in joined}
+    assert list(by_name) == ["SMC-SD N=4 K=2", "SMC-SD N=8 K=2", "target alone", "SMC-SD N=16 K=2", "assisted (K=4)"]
+    assert by_name["SMC-SD N=4 K=2"]["speedup_vs_target"] == 1.5
+    assert by_name["assisted (K=4)"]["accuracy"] == 0.94
+    front = {name for name, r in by_name.items() if r["pareto"]}
+    # N=16 (0.8x, 93%) and assisted (0.6x, 94%) are beaten on both by the target (1.0x, 95%).
+    assert front == {"SMC-SD N=4 K=2", "SMC-SD N=8 K=2", "target alone"}
+
+    paths = []
+    for i, rep in enumerate([first, second, fidelity]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({**rep, "command": "x"} if "task" in rep else rep))
+    # Only the join is checked here: these stub reports lack the columns of the full tables.
+    monkeypatch.setattr(markdown, "bench_tables", lambda report: "")
+    monkeypatch.setattr(markdown, "fidelity_tables", lambda report: "")
+    png = tmp_path / "join.png"
+    assert markdown.main([str(p) for p in paths] + ["--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| SMC-SD N=8 K=2 | 1.10 | 90.0% | [88.0%, 92.0%] | yes |" in printed
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.stat().st_size > 0
+    assert markdown.main([str(paths[0]), "--plot"]) == 2

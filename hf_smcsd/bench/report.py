@@ -1,8 +1,12 @@
 """Markdown tables from the JSON that `hf-smcsd bench` and `hf-smcsd fidelity` write.
 
     python -m hf_smcsd.bench.report results/bench.json results/fidelity.json
+    python -m hf_smcsd.bench.report results/bench*.json results/fidelity*.json --plot speed_vs_accuracy.png
 
-Used to write docs/benchmarks.md; prints to stdout.
+Used to write docs/benchmarks.md; prints to stdout. Given both kinds of report, it also
+joins them: each setting's speed (relative to the target alone, measured side by side in
+its own bench run, so several runs can be combined) against its task accuracy, and the
+settings on the Pareto front of the two. `--plot PATH` draws that join (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -106,16 +110,118 @@ def fidelity_tables(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _key(r) -> tuple:
+    gamma = r.get("gamma")
+    return r["method"], r.get("particles"), None if gamma is None else str(gamma)
+
+
+def speed_vs_accuracy(benches: list[dict], fidelities: list[dict], batch_size: int = 1) -> list[dict]:
+    """Join bench rows at `batch_size` with task-accuracy rows of the same method, N and K.
+
+    Speed is the speedup over the target alone *of the same bench run* (absolute tokens/s
+    of runs made under different load do not compare). Where reports repeat a setting,
+    the first one given wins. Each joined row is marked `pareto` when no other row is at
+    least as fast and as accurate and strictly better in one of the two.
+    """
+    speed, accuracy = {}, {}
+    for report in benches:
+        for r in report["rows"]:
+            if r["batch_size"] == batch_size and r["available"] and r.get("speedup_vs_target") is not None:
+                speed.setdefault(_key(r), r)
+    for report in fidelities:
+        for r in report.get("task", {}).get("rows", []):
+            accuracy.setdefault(_key(r), r)
+    joined = [
+        {"method": key[0], "particles": key[1], "gamma": speed[key]["gamma"],
+         "speedup_vs_target": speed[key]["speedup_vs_target"], "accuracy": accuracy[key]["accuracy"],
+         "accuracy_low": accuracy[key]["accuracy_low"], "accuracy_high": accuracy[key]["accuracy_high"],
+         "problems": accuracy[key]["problems"]}
+        for key in speed if key in accuracy
+    ]
+    for r in joined:
+        r["pareto"] = not any(
+            o["speedup_vs_target"] >= r["speedup_vs_target"] and o["accuracy"] >= r["accuracy"]
+            and (o["speedup_vs_target"] > r["speedup_vs_target"] or o["accuracy"] > r["accuracy"])
+            for o in joined
+        )
+    return sorted(joined, key=lambda r: -r["speedup_vs_target"])
+
+
+def speed_vs_accuracy_table(joined: list[dict], batch_size: int = 1) -> str:
+    out = [f"| method | x target (batch {batch_size}) | task accuracy | Wilson 95% interval | Pareto front |",
+           "| --- | --- | --- | --- | --- |"]
+    for r in joined:
+        out.append(f"| {_name(r)} | {r['speedup_vs_target']:.2f} | {r['accuracy']:.1%} "
+                   f"| [{r['accuracy_low']:.1%}, {r['accuracy_high']:.1%}] | {'yes' if r['pareto'] else ''} |")
+    return "\n".join(out)
+
+
+def plot_speed_vs_accuracy(joined: list[dict], path: Path, batch_size: int = 1) -> bool:
+    from hf_smcsd.bench import common
+
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
+    for method, (marker, color) in styles.items():
+        pts = [r for r in joined if r["method"] == method]
+        if pts:
+            ax.errorbar([r["accuracy"] for r in pts], [r["speedup_vs_target"] for r in pts],
+                        xerr=[[max(0.0, r["accuracy"] - r["accuracy_low"]) for r in pts],
+                              [max(0.0, r["accuracy_high"] - r["accuracy"]) for r in pts]],
+                        fmt=marker, color=color, capsize=2, label=method if method != "assisted"
+                        else f"assisted (K={pts[0]['gamma']})")
+    for r in joined:
+        if r["method"] == "smc-sd":
+            ax.annotate(f"{r['particles']},{r['gamma']}", (r["accuracy"], r["speedup_vs_target"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in joined if r["pareto"]), key=lambda r: r["accuracy"])
+    ax.plot([r["accuracy"] for r in front], [r["speedup_vs_target"] for r in front], "-", color="tab:red",
+            alpha=0.6, label="Pareto front")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(f"task accuracy ({joined[0]['problems']} problems, Wilson 95%)")
+    ax.set_ylabel(f"speed / target alone's (batch {batch_size})")
+    ax.set_title("speed against task accuracy (labels N,K)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
-    paths = list(sys.argv[1:] if argv is None else argv)
-    if not paths:
+    args = list(sys.argv[1:] if argv is None else argv)
+    plot_path = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        if i + 1 >= len(args):
+            print("--plot needs a PATH for the PNG, e.g. --plot speed_vs_accuracy.png", file=sys.stderr)
+            return 2
+        plot_path = Path(args[i + 1])
+        del args[i : i + 2]
+    if not args:
         print(__doc__.strip())
         return 2
-    for path in paths:
+    benches, fidelities = [], []
+    for path in args:
         report = json.loads(Path(path).read_text())
         print(f"<!-- from {path}: {report.get('command', '')} -->")
-        print(bench_tables(report) if "summary" in report else fidelity_tables(report))
+        if "summary" in report:
+            benches.append(report)
+            print(bench_tables(report))
+        else:
+            fidelities.append(report)
+            print(fidelity_tables(report))
         print()
+    joined = speed_vs_accuracy(benches, fidelities) if benches and fidelities else []
+    if joined:
+        print(speed_vs_accuracy_table(joined))
+        if plot_path is not None and plot_speed_vs_accuracy(joined, plot_path):
+            print(f"\n<!-- wrote {plot_path} -->")
+    elif plot_path is not None:
+        print("--plot needs a bench report and a fidelity report with a task section", file=sys.stderr)
+        return 2
     return 0
 
 
