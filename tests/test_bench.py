@@ -61,6 +61,20 @@ def test_bench_rows_cover_the_grid_and_mark_assisted_unavailable(rows):
             assert math.isfinite(r["target_loglik_per_token"]) and r["target_loglik_per_token"] < 0
 
 
+def test_bench_counts_new_tokens_per_target_forward(rows):
+    """The target alone makes one forward per new token; assisted generation with K=2 gets
+    between 1 and K+1 tokens per forward (1 + accepted draft tokens per block); a random
+    draft against a random target is rejected often, so it cannot reach K+1 every time."""
+    for r in rows:
+        if r["method"] == "target":
+            assert r["tokens_per_target_call"] == pytest.approx(1.0)
+        elif r["method"] == "assisted" and r["available"]:
+            upper = 3 if r["gamma"] == 2 else 21  # "default": up to 20 draft tokens per block
+            assert 1.0 <= r["tokens_per_target_call"] <= upper, r
+        else:
+            assert r.get("tokens_per_target_call") is None
+
+
 def test_bench_speedups_and_smc_diagnostics(rows):
     target = {r["batch_size"]: r for r in rows if r["method"] == "target"}
     best_assisted = max(r["tokens_per_s"] for r in rows if r["method"] == "assisted" and r["available"])

@@ -34,7 +34,8 @@ COLUMNS = [
     "seconds_median", "new_tokens", "speedup_vs_target", "speedup_vs_assisted", "target_loglik_per_token",
     "target_loglik_stderr", "mean_ess", "mean_ess_fraction", "resample_rate", "rounds",
     "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
-    "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other", "note",
+    "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other",
+    "tokens_per_target_call", "note",
 ]
 
 
@@ -115,6 +116,24 @@ def generate_once(config: Config, target, draft, input_ids, attention_mask, samp
                           smc_particles=config.particles, smc_gamma=config.gamma, return_dict_in_generate=True,
                           **sampling)
     return out.sequences[:, input_ids.shape[1]:], out
+
+
+class CountCalls:
+    """Counts forward calls of a model while active (a forward pre-hook on the module)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
 
 
 def smc_diagnostics(outputs: list) -> dict:
@@ -199,6 +218,18 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
                 seconds, _, out = call(config, seed + 20_000)
             splits[config] = common.time_split(timer, seconds, out.num_rounds)
 
+        # One counted run per baseline: new tokens per prompt per target forward. 1 for the target alone;
+        # for assisted generation, 1 + the mean number of accepted draft tokens per block
+        # (SMC-SD gets K+1 per round by construction, after one prefill).
+        per_call = {}
+        for config in runnable:
+            if config.method == "smc-sd":
+                continue
+            with CountCalls(target) as counter:
+                _, tokens, _ = call(config, seed + 30_000)
+            per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
+            per_call[config] = per_prompt / max(counter.calls, 1)
+
         # Fidelity check: the target's log-likelihood of what each method wrote.
         logliks = {}
         for config in runnable:
@@ -223,6 +254,8 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         if config.method == "smc-sd":
             row.update(smc_diagnostics(outputs[config]))
             row.update(splits[config])
+        else:
+            row["tokens_per_target_call"] = per_call[config]
         rows.append(row)
     add_speedups(rows)
     return rows
@@ -294,6 +327,8 @@ def format_table(rows: list[dict]) -> str:
         split = ""
         if r["method"] == "smc-sd":
             split = "/".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in common.TIME_PARTS)
+        elif r.get("tokens_per_target_call") is not None:
+            split = f"{r['tokens_per_target_call']:.2f} new tokens per target forward"
         lines.append(
             f"{r['method']:<9}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}{str(r['gamma'] or '-'):>8}"
             f"{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"

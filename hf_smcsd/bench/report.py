@@ -36,6 +36,8 @@ def bench_tables(report: dict) -> str:
         if r["method"] == "smc-sd":
             split = " / ".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in ("draft", "verify", "resample", "prefill",
                                                                           "other"))
+        elif r.get("tokens_per_target_call") is not None:
+            split = f"{r['tokens_per_target_call']:.2f} new tokens per target forward"
         loglik = f"{r['target_loglik_per_token']:.3f} ± {1.96 * (r['target_loglik_stderr'] or 0):.3f}"
         out.append(
             f"| {r['method']} | {r['batch_size']} | {r['particles'] or ''} | {r['gamma'] or ''} "
