@@ -31,14 +31,16 @@ def sample(log_p: torch.Tensor) -> torch.Tensor:
     Equal in distribution to `torch.multinomial(exp(log_p), 1)`, but needs no
     normalisation, never picks a `-inf` entry and draws one uniform per row from torch's
     global generator, so `torch.manual_seed` makes it reproducible. One uniform per row
-    (not one Gumbel variable per vocabulary entry) is what makes it cheap: about 7x faster
-    than Gumbel-max on a CPU with a 4096-token vocabulary.
+    (not one Gumbel variable per vocabulary entry) is what makes it cheap: 6-9x faster than
+    Gumbel-max on a CPU for 8 to 64 rows of 4096 tokens.
     """
     # Float64 for the running sum: in float32, tokens whose probability is below one ulp
     # of the partial sum (~6e-8 of the total) would get no interval at all.
     peak = log_p.amax(dim=-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a row of -inf: all zero
-    cdf = torch.cumsum(torch.exp(log_p - peak).double(), dim=-1)  # exp in the input dtype: cheaper
+    # exp in float32 (exact enough per token), the sum in float64. In place where possible:
+    # fresh MB-sized buffers cost page faults on every call and doubled the time on a CPU.
+    cdf = (log_p - peak).float().exp_().double().cumsum_(dim=-1)
     total = cdf[..., -1:]
     # u < total strictly, also after rounding the product, so the last positive entry is the
     # furthest `searchsorted` can go and zero-probability entries are never chosen.

@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +47,12 @@ def random_resample(runner, history, groups, n, generator, seed):
     for d, s in zip(plan.dest.tolist(), plan.src.tolist()):
         history[d] = list(history[s])
     runner.tables.check()
+
+
+def load_train_pair():
+    """build_scripts/train_pair.py as a module (build_scripts is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "build_scripts" / "train_pair.py"
+    spec = importlib.util.spec_from_file_location("train_pair", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ Speed is never asserted: only the structure of the results and the properties th
 whatever the timings (unavailable entries, counts, intervals, shares of a whole).
 """
 
-import copy
 import csv
 import importlib.util
 import json
@@ -19,7 +18,7 @@ import hf_smcsd
 from hf_smcsd.bench import bench, common, data, fidelity
 from hf_smcsd.tiny import tiny_llama
 
-from conftest import full_log_probs, left_pad
+from conftest import full_log_probs, left_pad, load_train_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,17 +211,10 @@ def test_exact_section_separates_the_draft_from_the_target():
 
 # ----------------------------------------------------------------------------- the CLI on a saved pair
 
-def _load_train_pair():
-    spec = importlib.util.spec_from_file_location("train_pair", ROOT / "build_scripts" / "train_pair.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def saved_pair(tmp_path_factory):
     """A tiny target/draft pair saved like the committed one (tokenizer with digits, float16)."""
-    train_pair = _load_train_pair()
+    train_pair = load_train_pair()
     texts = ["def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20, data.task_text(random.Random(0), 3000)]
     tokenizer = train_pair.train_tokenizer(texts, 300)
     root = tmp_path_factory.mktemp("pair")

@@ -1,7 +1,6 @@
 """The generate() drop-in: patching, knobs, outputs, hand-over, and clear errors."""
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ runner against full recomputes (prefill, K+1 extends, reorders, drops, SMC-SD en
 import pytest
 import torch
 
-from hf_smcsd.resampling import CopyPlan, copy_plan, resample
+from hf_smcsd.resampling import copy_plan, resample
 from hf_smcsd.runners import EagerRunner, Runner
 from hf_smcsd.runners.paged import BlockAllocator, BlockCopies, BlockTables, PagedRunner
 from hf_smcsd.smc import SMCSettings, smc_sample

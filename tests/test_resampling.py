@@ -152,7 +152,7 @@ def test_copy_plan_concrete():
 
 def test_copy_plan_offset():
     torch.manual_seed(5)
-    groups, n = 3, 4
+    n = 4
     anc = torch.tensor([[0, 0, 1, 1], [3, 3, 3, 2], [0, 1, 2, 3]])
     plan = copy_plan(anc)
     # Local group g maps to global group [2, 5, 7][g] of a batch of 8 groups.

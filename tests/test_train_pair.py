@@ -1,24 +1,15 @@
 """The training script's data, tokenizer and checkpoints (tiny settings; no real training)."""
 
-import importlib.util
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_train_pair
 from hf_smcsd.bench import data
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_train_pair():
-    spec = importlib.util.spec_from_file_location("train_pair", ROOT / "build_scripts" / "train_pair.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

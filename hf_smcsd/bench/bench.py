@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import common, data
+from .common import pareto_front  # noqa: F401  (bench.pareto_front, as before)
 
 ASSISTED_UNAVAILABLE = "transformers' assisted generation supports batch size 1 only"
 COLUMNS = [
@@ -340,19 +341,6 @@ def format_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (speed, gap) that no other point beats on both: faster or as
-    fast, and closer or as close to the target (gap = |loglik - target's|)."""
-    front = []
-    for i, (speed, gap) in enumerate(points):
-        dominated = any(
-            (s >= speed and g <= gap) and (s > speed or g < gap) for j, (s, g) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     plt = common.pyplot()
     if plt is None:
@@ -380,11 +368,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylabel("new tokens / s")
         ax.set_title(f"batch size {b}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "bench_tokens_per_s.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(common.save_figure(fig, out_dir / "bench_tokens_per_s.png"))
 
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.2 * len(batch_sizes), 4), squeeze=False)
     for ax, b in zip(axes[0], batch_sizes):
@@ -395,8 +379,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         gaps = [abs(r["target_loglik_per_token"] - reference) for r in at_b]
         speeds = [r["tokens_per_s"] for r in at_b]
         front = pareto_front(list(zip(speeds, gaps)))
-        styles = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
-        for method, (marker, color) in styles.items():
+        for method, (marker, color) in common.METHOD_STYLES.items():
             pts = [(g, s, r) for g, s, r in zip(gaps, speeds, at_b) if r["method"] == method]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=method)
@@ -411,11 +394,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylabel("new tokens / s")
         ax.set_title(f"speed vs fidelity, batch size {b} (labels N,K)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "bench_pareto.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(common.save_figure(fig, out_dir / "bench_pareto.png"))
     return written
 
 

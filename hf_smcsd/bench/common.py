@@ -336,6 +336,33 @@ def _jsonable(value):
     return value
 
 
+# Marker and colour of each method in every plot.
+METHOD_STYLES = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speed, gap) that no other point beats on both: faster or as
+    fast, and closer or as close to the target (a smaller gap)."""
+    front = []
+    for i, (speed, gap) in enumerate(points):
+        dominated = any(
+            (s >= speed and g <= gap) and (s > speed or g < gap) for j, (s, g) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close (figures stay open in pyplot until closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pyplot():
     """matplotlib's pyplot with the Agg backend, or None (plots are then skipped)."""
     try:

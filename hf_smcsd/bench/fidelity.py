@@ -279,9 +279,7 @@ def plot_exact(result: dict, path: Path) -> bool:
     ax.set_ylabel("total variation to the exact target")
     ax.set_title(f"exact fidelity (vocab {result['vocab']}, {result['new_tokens']} new tokens)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
     return True
 
 
@@ -310,9 +308,7 @@ def plot_rows(rows: list[dict], key: str, low: str | None, high: str | None, yla
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
     return True
 
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from .common import METHOD_STYLES, pareto_front, pyplot, save_figure
+
 
 def _f(value, spec=".1f", none="n/a"):
     return none if value is None else format(value, spec)
@@ -140,12 +142,9 @@ def speed_vs_accuracy(benches: list[dict], fidelities: list[dict], batch_size: i
          "problems": accuracy[key]["problems"]}
         for key in speed if key in accuracy
     ]
-    for r in joined:
-        r["pareto"] = not any(
-            o["speedup_vs_target"] >= r["speedup_vs_target"] and o["accuracy"] >= r["accuracy"]
-            and (o["speedup_vs_target"] > r["speedup_vs_target"] or o["accuracy"] > r["accuracy"])
-            for o in joined
-        )
+    front = set(pareto_front([(r["speedup_vs_target"], -r["accuracy"]) for r in joined]))
+    for i, r in enumerate(joined):
+        r["pareto"] = i in front
     return sorted(joined, key=lambda r: -r["speedup_vs_target"])
 
 
@@ -159,14 +158,11 @@ def speed_vs_accuracy_table(joined: list[dict], batch_size: int = 1) -> str:
 
 
 def plot_speed_vs_accuracy(joined: list[dict], path: Path, batch_size: int = 1) -> bool:
-    from hf_smcsd.bench import common
-
-    plt = common.pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
-    for method, (marker, color) in styles.items():
+    for method, (marker, color) in METHOD_STYLES.items():
         pts = [r for r in joined if r["method"] == method]
         if pts:
             ax.errorbar([r["accuracy"] for r in pts], [r["speedup_vs_target"] for r in pts],
@@ -186,9 +182,7 @@ def plot_speed_vs_accuracy(joined: list[dict], path: Path, batch_size: int = 1) 
     ax.set_ylabel(f"speed / target alone's (batch {batch_size})")
     ax.set_title("speed against task accuracy (labels N,K)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

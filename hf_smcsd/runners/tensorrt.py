@@ -74,7 +74,6 @@ import torch
 from ..engines.manifest import (
     EngineMismatchError,
     check_manifest,
-    limits_of,
     read_manifest,
     rebuild_hint,
     require_fits,
