@@ -214,3 +214,58 @@ def is_static_cache(cache) -> bool:
         return True
     layers = getattr(cache, "layers", None) or []
     return any("Static" in type(layer).__name__ for layer in layers)
+
+
+# --- Rows of different lengths (exact mode): gathers along the time axis, sliding windows. ---
+
+
+def gather_cache_positions(cache, order: torch.Tensor) -> None:
+    """Rebuild every layer with `keys[r, :, t] <- keys[r, :, order[r, t]]` (the same for
+    values): `order` `[rows, new_length]` picks, per row, which cache positions stay and in
+    what order. Used to compact rows with masked holes."""
+    for layer in getattr(cache, "layers", None) or ():
+        kind = type(layer).__name__
+        if kind == "DummyLayer":
+            continue
+        if kind not in _PLAIN_KV_LAYERS:
+            raise ValueError(
+                f"smc_mode with exact rounds cannot roll back a {kind} cache layer (it keeps more per-position "
+                "state than keys and values). Use smc_mode='smc' with this model."
+            )
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+                continue
+            index = order.to(tensor.device)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+            setattr(layer, name, tensor.gather(2, index))
+        if hasattr(layer, "cumulative_length") and isinstance(getattr(layer, "keys", None), torch.Tensor):
+            layer.cumulative_length = layer.keys.shape[-2]
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of the model's sliding-window layers, or None if it has none."""
+    for config in _configs(model):
+        window = getattr(config, "sliding_window", None)
+        if not window:
+            continue
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            if any("sliding" in str(t) for t in layer_types):
+                return int(window)
+            continue
+        if getattr(config, "use_sliding_window", True):
+            return int(window)
+    return None
+
+
+def check_rollback_fits(model, length: int, name: str = "model") -> None:
+    """Exact rounds roll caches back. A sliding-window layer forgets positions older than its
+    window, so a rollback is only possible while every sequence fits in the window."""
+    window = sliding_window(model)
+    if window is not None and length > window - 1:
+        raise ValueError(
+            f"{name} has sliding-window attention (window {window}) and this request can reach {length} cached "
+            f"positions (padded prompt + max_new_tokens + smc_gamma + 1). Exact rounds (smc_mode='exact', "
+            "'mixed', 'auto', or do_sample=False) roll the cache back, which a sliding window cannot do past "
+            f"its window. Shorten the prompt or max_new_tokens to fit {window - 1} positions, or use smc_mode='smc'."
+        )

@@ -14,6 +14,19 @@ does with left padding); every supported family takes them (`hf_smcsd.zoo.SUPPOR
 the attention mask is always passed at full length, for those that also read it (OPT, ALiBi).
 Sliding-window layers need nothing special: their window is over cache positions, and left
 padding only shifts every row's real tokens to the right by the same amount.
+
+Rows of different lengths (exact mode, `rollback`): all rows share one physical cache
+length. A rollback first crops the positions that every row drops, then masks each row's
+remaining dropped positions out (attention mask 0: *holes*) and moves its next position id
+back, so its next tokens get the positions they would have had without the dropped ones.
+Positions come from `position_ids` (RoPE, learned positions) or from the mask's cumulative
+sum (ALiBi), and both count real tokens only, so a row with holes attends and positions
+exactly as a recompute of its kept tokens (tested per family against recomputes). When
+every row carries at least `_COMPACT_MIN` holes or padding columns, the rows are compacted:
+each row's real tokens move right, its holes become left padding, and the shared columns
+are freed (one gather of the cache, amortised over many rounds). Sliding-window layers
+count cache positions, holes included, so for them rows are compacted after every rollback
+and the whole sequence must fit in the window (`compat.check_rollback_fits`).
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ import torch
 from .. import compat
 from ..resampling import CopyPlan
 
+_COMPACT_MIN = 16  # compact when every row has at least this many masked columns ...
+_COMPACT_FRACTION = 0.25  # ... and they are at least this share of the cache length
+
 
 class EagerRunner:
     def __init__(self, model):
@@ -35,6 +51,7 @@ class EagerRunner:
         parameters = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in parameters
         self._takes_logits_to_keep = "logits_to_keep" in parameters
+        self._sliding_window = compat.sliding_window(model)
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [rows, cached length]
         self.next_position: torch.Tensor | None = None  # [rows], position id of the next token
@@ -87,3 +104,31 @@ class EagerRunner:
         compat.select_cache_rows(self.cache, rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        drop = drop.to(self.input_device, torch.long)
+        common = int(drop.min()) if drop.numel() else 0
+        if common > 0:  # positions every row drops: crop them off the shared length
+            self.cache.crop(-common)
+            self.attention_mask = self.attention_mask[:, :-common]
+        holes = drop - common
+        length = self.attention_mask.shape[1]
+        column = torch.arange(length, device=self.input_device)
+        self.attention_mask[column >= length - holes.unsqueeze(1)] = 0
+        self.next_position = self.next_position - drop
+        if self._sliding_window is not None:
+            self._compact(minimum=1)
+        else:
+            self._compact(minimum=max(_COMPACT_MIN, int(_COMPACT_FRACTION * length)))
+
+    def _compact(self, minimum: int) -> None:
+        """Move every row's real tokens to the right end and drop the columns that are
+        masked in every row, if there are at least `minimum` of them."""
+        mask = self.attention_mask
+        free = int((mask == 0).sum(dim=1).min())
+        if free < minimum:
+            return
+        # A stable sort puts each row's masked columns first, its real tokens after, in order.
+        order = torch.sort(mask, dim=1, stable=True).indices[:, free:]
+        compat.gather_cache_positions(self.cache, order)
+        self.attention_mask = mask.gather(1, order)
