@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         "mean_ess": statistics.fmean(ess_means),
         "mean_ess_per_prompt": ess_means,
         "resamples_per_prompt": smc.num_resamples.tolist(),
-        "dead_resets_per_prompt": smc.num_dead_resets.tolist(),
+        "dead_redos_per_prompt": smc.num_dead_redos.tolist(),
         "rounds": smc.num_rounds,
         "log_z": smc.log_z.tolist(),
     }

@@ -34,8 +34,9 @@ def output_vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def copy_cache_rows(cache, dest: torch.Tensor, src: torch.Tensor, total_rows: int) -> None:
-    """`cache[dest] <- cache[src]` on the batch axis, writing only the `dest` rows.
+def copy_cache_rows(cache, dest: torch.Tensor, src: torch.Tensor, total_rows: int, tail: int | None = None) -> None:
+    """`cache[dest] <- cache[src]` on the batch axis, writing only the `dest` rows (only
+    their last `tail` positions when `tail` is given: the rows agree before them).
 
     Plain attention layers (full or sliding window) are copied tensor by tensor, each on its
     own device (an accelerate device map may spread layers over several). A layer that keeps
@@ -60,7 +61,11 @@ def copy_cache_rows(cache, dest: torch.Tensor, src: torch.Tensor, total_rows: in
             if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
                 continue
             d, s = dest.to(tensor.device), src.to(tensor.device)
-            tensor.index_copy_(0, d, tensor.index_select(0, s))
+            if tail is not None and 0 < tail < tensor.shape[2]:
+                window = tensor[:, :, -tail:]  # a view: index_copy_ writes through to the cache
+                window.index_copy_(0, d, window.index_select(0, s))
+            else:
+                tensor.index_copy_(0, d, tensor.index_select(0, s))
 
 
 def select_cache_rows(cache, rows: torch.Tensor) -> None:

@@ -9,7 +9,6 @@ builds the runners and calls the backend-agnostic loop in `hf_smcsd.smc`.
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat
+from . import compat, policy
 from .runners.eager import EagerRunner
 from .smc import SMCResult, SMCSettings, smc_sample
 from .weights import log_probs
@@ -31,6 +30,9 @@ SMC_KNOBS: dict[str, Any] = {
     "smc_resample_method": "systematic",
     "smc_alpha": 1.0,
     "smc_draft_processors": False,  # True: the draft proposes from the processed distribution too
+    "smc_mode": "smc",  # "smc", "exact" (lossless), "mixed" (smc_schedule), "auto" (smc_auto_threshold)
+    "smc_schedule": policy.DEFAULT_SCHEDULE,  # mixed: (exact rounds, SMC-SD rounds), repeating
+    "smc_auto_threshold": policy.DEFAULT_AUTO_THRESHOLD,  # auto: SMC-SD where draft and target agree this much
 }
 
 # Logits processors that look at the scores only, never at the tokens so far: they can be
@@ -59,8 +61,13 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     `sequences` holds one particle per prompt (drawn by final weight), prompt included.
     `particle_sequences` `[B, N, new]` holds every particle's new tokens (pad after its end),
     `log_weights` `[B, N]` their final log weights, `log_z` `[B]` the log normalising
-    constant estimate, `ess` the ESS after each round per prompt, `num_resamples` and
-    `num_dead_resets` `[B]` the resampling events (the latter when every weight was zero).
+    constant estimate (over the SMC-SD rounds), `ess` the ESS after each round per prompt,
+    `num_resamples` `[B]` the resampling events, `num_dead_redos` `[B]` the SMC-SD rounds
+    that left no particle any weight and were redone in exact mode. Per mode:
+    `round_modes` (per prompt, one letter per round: `s` SMC-SD, `e` exact, `x` an SMC-SD
+    round discarded and redone), `num_smc_rounds` / `num_exact_rounds` and `smc_tokens` /
+    `exact_tokens` `[B]`, and `accepted_draft_tokens` (per prompt, the drafted tokens each
+    exact round accepted).
     """
 
     particle_sequences: torch.LongTensor | None = None
@@ -70,8 +77,14 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     chosen_particles: torch.LongTensor | None = None
     ess: list | None = None
     num_resamples: torch.LongTensor | None = None
-    num_dead_resets: torch.LongTensor | None = None
+    num_dead_redos: torch.LongTensor | None = None
     num_rounds: int | None = None
+    round_modes: list | None = None
+    num_smc_rounds: torch.LongTensor | None = None
+    num_exact_rounds: torch.LongTensor | None = None
+    smc_tokens: torch.LongTensor | None = None
+    exact_tokens: torch.LongTensor | None = None
+    accepted_draft_tokens: list | None = None
 
 
 def patch(model):
@@ -132,17 +145,13 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             "sharing the target's tokenizer>, or drop smc_particles for ordinary generation."
         )
     _check_models(model, draft, kwargs)
-    if not _setting("do_sample", kwargs, generation_config, model):
-        warnings.warn(
-            "smc_particles with do_sample=False: SMC-SD is a sampling method, so this call runs "
-            "transformers' exact greedy assisted decoding instead. Pass do_sample=True for SMC-SD.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return original_generate(*args, assistant_model=draft, **kwargs)
+    # do_sample=False: greedy verification of the N sampled draft chains (exact, any batch size).
+    greedy = not _setting("do_sample", kwargs, generation_config, model)
     _check_unsupported(kwargs, generation_config, model)
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
-    SMCSettings(**_settings_kwargs(knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0))
+    SMCSettings(**_settings_kwargs(
+        knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0, greedy=greedy
+    ))
     _stop_strings_to_criteria(kwargs, generation_config, model)
     # generate() drops a streamer on the custom_generate path and never ends it: carry it
     # under our own name, and end it here, also when generation fails (a consumer thread
@@ -196,6 +205,9 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         resample_threshold=knobs["smc_resample_threshold"],
         resample_method=knobs["smc_resample_method"],
         alpha=knobs["smc_alpha"],
+        mode=knobs["smc_mode"],
+        schedule=knobs["smc_schedule"],
+        auto_threshold=knobs["smc_auto_threshold"],
         **extra,
     )
 
@@ -255,7 +267,7 @@ def _check_unsupported(kwargs: dict, generation_config, model) -> None:
 
 
 
-def processed_log_probs(logits_processor: LogitsProcessorList):
+def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: int = 1):
     """A `smc.LogProbsFn` for the distribution transformers' sampling draws from: the
     processors applied to the logits at each position, then softmax.
 
@@ -265,6 +277,14 @@ def processed_log_probs(logits_processor: LogitsProcessorList):
     up to that position, as in transformers' sampling loop.
     """
     position_free = all(type(p).__name__ in _POSITION_FREE_PROCESSORS for p in logits_processor)
+    # Processors that carry one value per prompt of generate()'s batch (transformers 5.24's
+    # repetition penalty keeps each prompt's padding length): rows here are particles, so
+    # each call gets the values of its rows' prompts (`history.prompts`).
+    per_prompt = [
+        (p, p.prompt_ignore_length[::prompt_stride])
+        for p in logits_processor
+        if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor)
+    ]
 
     def log_probs_fn(logits: torch.Tensor, history) -> torch.Tensor:
         rows, width, vocab = logits.shape
@@ -275,11 +295,14 @@ def processed_log_probs(logits_processor: LogitsProcessorList):
             no_tokens = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
             return log_probs(logits_processor(no_tokens, scores)).view(rows, width, vocab)
         sequences = history()
+        for processor, values in per_prompt:
+            processor.prompt_ignore_length = values.to(sequences.device)[history.prompts.to(sequences.device)]
         start = sequences.shape[1] - width + 1
         return torch.stack(
             [log_probs(logits_processor(sequences[:, : start + j], logits[:, j])) for j in range(width)], dim=1
         )
 
+    log_probs_fn.reads_history = not position_free
     return log_probs_fn
 
 
@@ -353,13 +376,19 @@ def _smc_decode(
     pad = generation_config.pad_token_id
     pad = _token_ids(pad)[0] if pad is not None else (eos[0] if eos else 0)
     temperature = generation_config.temperature or 1.0
+    greedy = not generation_config.do_sample
     settings = SMCSettings(**_settings_kwargs(
         smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
-        num_return_sequences=num_return,
+        num_return_sequences=num_return, greedy=greedy,
     ))
+    if greedy or settings.mode != "smc":  # exact rounds roll caches back: sliding windows must hold it all
+        longest = prompt_length + max_new_tokens + settings.gamma + 1
+        for name, m in (("model", model), ("assistant_model", smc_draft)):
+            if isinstance(m, torch.nn.Module):
+                compat.check_rollback_fits(m, longest, name)
     draft_temperature = settings.draft_temperature or temperature
     draft_log_probs = (
-        processed_log_probs(_draft_processors(logits_processor, draft_temperature))
+        processed_log_probs(_draft_processors(logits_processor, draft_temperature), prompt_stride=num_return)
         if smc_knobs["smc_draft_processors"]
         else None  # temperature only: the draft's support then covers the target's
     )
@@ -373,7 +402,7 @@ def _smc_decode(
         input_ids,
         attention_mask,
         settings,
-        target_log_probs=processed_log_probs(logits_processor),
+        target_log_probs=processed_log_probs(logits_processor, prompt_stride=num_return),
         draft_log_probs=draft_log_probs,
         stop_fn=stopping_fn(stopping_criteria),
         stream=streamer.put if streamer is not None else None,
@@ -409,6 +438,12 @@ def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict
         chosen_particles=result.chosen,
         ess=result.ess,
         num_resamples=result.num_resamples,
-        num_dead_resets=result.num_dead_resets,
+        num_dead_redos=result.num_dead_redos,
         num_rounds=result.num_rounds,
+        round_modes=result.round_modes,
+        num_smc_rounds=result.num_smc_rounds,
+        num_exact_rounds=result.num_exact_rounds,
+        smc_tokens=result.smc_tokens,
+        exact_tokens=result.exact_tokens,
+        accepted_draft_tokens=result.accepted,
     )

@@ -106,17 +106,22 @@ class CopyPlan:
     `dest` are the rows of particles that died, `src` the rows of particles drawn more
     than once; the two never overlap, so the copies can be applied in any order (or all at
     once with `index_copy_`).
+
+    `tail`, when set, promises that each `dest` row already equals its `src` row except in
+    the last `tail` positions (the exact mode's rows, identical before a round, differ only
+    in what they drafted in it): a runner may copy just those. Ignoring it is correct too.
     """
 
     dest: torch.Tensor
     src: torch.Tensor
+    tail: int | None = None
 
     def __len__(self) -> int:
         return int(self.dest.numel())
 
     def offset(self, rows: torch.Tensor) -> CopyPlan:
         """The same plan with group-local rows mapped through `rows` (a flat index map)."""
-        return CopyPlan(dest=rows[self.dest], src=rows[self.src])
+        return CopyPlan(dest=rows[self.dest], src=rows[self.src], tail=self.tail)
 
     def ancestors(self, total_rows: int) -> torch.Tensor:
         """The equivalent full ancestor vector: row i becomes a copy of row `ancestors[i]`."""

@@ -1,22 +1,29 @@
-"""The SMC-SD round loop, as specified in docs/algorithm.md (shared/docs in the project repo).
+"""The round loop of SMC-SD and its exact mode, as specified in docs/algorithm.md
+(shared/docs in the project repo).
 
-Reads top to bottom like the spec: start, then rounds of draft -> verify -> bonus ->
-weight -> finish -> resample, then the final pick. It talks to the two models only through
-`Runner`s and never imports transformers.
+Reads top to bottom like the spec: start; then rounds of choose a mode per group -> draft
+-> verify -> apply the group's operator (SMC-SD weights, or the exact accept walk) -> stop
+-> resample or redo; then the final pick. It talks to the two models only through
+`Runner`s and never imports transformers; the math after the verify pass lives in
+`verify.py`, the mode choice in `policy.py`, resampling in `resampling.py`.
 
 Layout: a batch of B prompts is B groups of N particles; every tensor over particles is
 `[rows]` with rows group-major (`group * N + particle`). Rows of groups that have ended
 leave the runners' batch; `rows` maps the live rows back to the full `[B * N]` arrays that
-hold every particle's tokens and weights until the end.
+hold every particle's tokens and weights until the end. Exact rounds commit a different
+number of tokens per group, so each group has its own clock (`clock[g]`: tokens generated
+so far), and rows of one batch can differ in length (the runners' `rollback`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from . import policy, verify
 from .resampling import RESAMPLING_METHODS, CopyPlan, copy_plan, resample
 from .runners.base import Runner
 from .weights import (
@@ -35,11 +42,16 @@ from .weights import (
 # on demand, every row's tokens so far `[rows, S]` (padded prompt included, ending with the
 # w fed positions), for processors that look at the sequence: position j sees
 # `sequences[:, : S - w + 1 + j]`, exactly what transformers' sampling would pass there.
+# Its attribute `prompts` `[rows]` says which prompt each row belongs to (for processors
+# that carry per-prompt state, such as the prompt's padding length). A function that never calls it says so with an attribute `reads_history = False`; the
+# loop then need not group rows of different lengths.
 History = Callable[[], torch.Tensor]
 LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 # A stop function marks, for the last w tokens of each row's sequence `[rows, S]`, which
 # positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
 
 
 @dataclass
@@ -57,6 +69,10 @@ class SMCSettings:
     eos_token_ids: Sequence[int] = ()
     pad_token_id: int = 0
     num_return_sequences: int = 1  # particles returned per prompt, drawn by final weight
+    mode: str = "smc"  # "smc", "exact", "mixed" or "auto" (see policy.py)
+    schedule: tuple[int, int] = policy.DEFAULT_SCHEDULE  # mixed: (exact rounds, SMC-SD rounds), repeating
+    auto_threshold: float = policy.DEFAULT_AUTO_THRESHOLD  # auto: SMC-SD where agreement >= this
+    greedy: bool = False  # exact rounds verify against the target's argmax (do_sample=False)
 
     def __post_init__(self):
         self.validate()
@@ -71,7 +87,7 @@ class SMCSettings:
             bad("smc_gamma", self.gamma, "use an integer >= 1 draft tokens per round (4 to 8 is typical).")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, "use an integer >= 1.")
-        if not self.temperature or self.temperature <= 0:
+        if not self.greedy and (not self.temperature or self.temperature <= 0):
             bad("temperature", self.temperature, "SMC-SD samples; use a temperature > 0.")
         if self.draft_temperature is not None and not self.draft_temperature > 0:
             bad("smc_draft_temperature", self.draft_temperature, "use a temperature > 0, or None for the target's.")
@@ -87,6 +103,28 @@ class SMCSettings:
             bad("num_return_sequences", self.num_return_sequences, "use an integer >= 1.")
         if self.resample_method not in RESAMPLING_METHODS:
             bad("smc_resample_method", self.resample_method, f"use one of {', '.join(RESAMPLING_METHODS)}.")
+        if self.mode not in policy.MODES:
+            bad("smc_mode", self.mode, f"use one of {', '.join(repr(m) for m in policy.MODES)}.")
+        schedule = tuple(self.schedule) if isinstance(self.schedule, (tuple, list)) else None
+        if (
+            schedule is None
+            or len(schedule) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in schedule)
+            or sum(schedule) == 0
+        ):
+            bad("smc_schedule", self.schedule, "use (exact_rounds, smc_rounds), two integers >= 0, not both 0, e.g. (4, 1).")
+        self.schedule = schedule
+        if not 0.0 <= float(self.auto_threshold) <= 1.0:
+            bad("smc_auto_threshold", self.auto_threshold, "use a fraction in [0, 1] (higher runs more exact rounds).")
+        exact_rounds_possible = self.greedy or self.mode != "smc"
+        if exact_rounds_possible and float(self.alpha) != 1.0:
+            what = "do_sample=False" if self.greedy else f"smc_mode={self.mode!r}"
+            bad(
+                "smc_alpha",
+                self.alpha,
+                f"{what} runs exact rounds, which sample the target itself; a power target has no exact "
+                "sampler. Use smc_alpha=1.0, or smc_mode='smc' for a power target.",
+            )
 
 
 @dataclass
@@ -96,12 +134,18 @@ class SMCResult:
     tokens: torch.Tensor  # [B, N, max_new_tokens], pad after each particle's end
     lengths: torch.Tensor  # [B, N] new tokens per particle
     log_weights: torch.Tensor  # [B, N] final log weights (float64)
-    log_z: torch.Tensor  # [B] log of the estimated normalising constant
+    log_z: torch.Tensor  # [B] log of the estimated normalising constant (SMC-SD rounds)
     chosen: torch.Tensor  # [B, num_return_sequences] particles returned for each prompt
     ess: list[torch.Tensor]  # per prompt, the ESS after each round it ran
     num_resamples: torch.Tensor  # [B] resampling events per prompt
-    num_dead_resets: torch.Tensor  # [B] rounds where every weight was zero (uniform reset)
+    num_dead_redos: torch.Tensor  # [B] SMC-SD rounds discarded (every weight zero) and redone exactly
     num_rounds: int = 0
+    round_modes: list[str] = field(default_factory=list)  # per prompt, one letter per round: s, e, x (redone)
+    num_smc_rounds: torch.Tensor | None = None  # [B]
+    num_exact_rounds: torch.Tensor | None = None  # [B]
+    smc_tokens: torch.Tensor | None = None  # [B] tokens generated in SMC-SD rounds (x0 included)
+    exact_tokens: torch.Tensor | None = None  # [B] tokens committed by exact rounds
+    accepted: list[torch.Tensor] = field(default_factory=list)  # per prompt, drafts accepted per exact round
     stats: dict = field(default_factory=dict)
 
 
@@ -114,7 +158,11 @@ def _first_stops(is_stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _temperature_only(temperature: float) -> LogProbsFn:
-    return lambda logits, history: log_probs(logits, temperature)
+    def fn(logits, history):
+        return log_probs(logits, temperature)
+
+    fn.reads_history = False
+    return fn
 
 
 def _shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:
@@ -122,6 +170,11 @@ def _shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:
     same = (tokens == tokens[:1]).all(dim=0)
     shared = int(same.long().cumprod(dim=0).sum())
     return min(shared, int(lengths.min()))
+
+
+def _group_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows `[len(groups) * n]` of the given groups (group-major)."""
+    return (groups.unsqueeze(1) * n + torch.arange(n, device=groups.device)).flatten()
 
 
 @torch.no_grad()
@@ -136,7 +189,8 @@ def smc_sample(
     stop_fn: StopFn | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
 ) -> SMCResult:
-    """Run SMC-SD on a left-padded batch of prompts; see the module docstring for layout.
+    """Run SMC-SD (or its exact mode, or a mix) on a left-padded batch of prompts; see the
+    module docstring for the layout.
 
     `target_log_probs` / `draft_log_probs` (see `LogProbsFn`) give the distributions the
     target and the draft sample from (temperature and, for the target, its logits
@@ -160,25 +214,61 @@ def smc_sample(
     if stream is not None and batch != 1:
         raise ValueError(f"Streaming supports one prompt at a time; got a batch of {batch}.")
     total = batch * n
-    tokens = torch.full((total, budget), pad, dtype=torch.long, device=device)
+    # Room for one round past the budget, so writes at any group's clock never need clamping.
+    tokens = torch.full((total, budget + gamma + 1), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(total, dtype=torch.long, device=device)
     finished = torch.zeros(total, dtype=torch.bool, device=device)
     log_weights = torch.zeros(total, dtype=WEIGHT_DTYPE, device=device)
+    clock = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated per group
     log_z = torch.zeros(batch, dtype=WEIGHT_DTYPE, device=device)
-    num_resamples = torch.zeros(batch, dtype=torch.long, device=device)
-    num_dead_resets = torch.zeros(batch, dtype=torch.long, device=device)
-    ess_per_round: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     rows = torch.arange(total, device=device)  # live row -> row of the full arrays
+    groups = torch.arange(batch, device=device)  # live group -> prompt index
 
-    def sequences(*new: torch.Tensor) -> torch.Tensor:
-        """Every live row's padded prompt, tokens generated so far, then `new` tokens."""
-        return torch.cat([input_ids[rows // n], tokens[rows, :generated], *new], dim=1)
+    # --- Sequences for processors and stopping criteria that read them. ---
+    def history(index: torch.Tensor | None, new: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Padded prompt, tokens so far and `new` tokens of the live rows `index` (all rows
+        if None), which must share one clock."""
+        full = rows if index is None else rows[index]
+        start = int(clock[full[0] // n])
+        pieces = [input_ids[full // n], tokens[full, :start]]
+        pieces += [x if index is None else x[index] for x in new]
+        return torch.cat(pieces, dim=1)
+
+    def by_clock(reads_history: bool, compute: Callable) -> torch.Tensor:
+        """`compute(index, history_fn)` for the live rows, one call per distinct group clock
+        (rows of different lengths cannot share one sequence tensor)."""
+        if not reads_history:
+            return compute(None)
+        row_clock = clock[rows // n]
+        values = torch.unique(row_clock)
+        if values.numel() == 1:
+            return compute(None)
+        out = None
+        for value in values.tolist():
+            index = (row_clock == value).nonzero().squeeze(1)
+            part = compute(index)
+            if out is None:
+                out = part.new_empty((rows.shape[0],) + part.shape[1:])
+            out[index] = part
+        return out
+
+    def history_fn(index: torch.Tensor | None, new: Sequence[torch.Tensor]) -> History:
+        fn = lambda: history(index, new)  # noqa: E731
+        fn.prompts = (rows if index is None else rows[index]) // n  # for processors with per-prompt state
+        return fn
+
+    def distribution(fn: LogProbsFn, logits: torch.Tensor, new: Sequence[torch.Tensor]) -> torch.Tensor:
+        return by_clock(
+            getattr(fn, "reads_history", True),
+            lambda index: fn(logits if index is None else logits[index], history_fn(index, new)),
+        )
 
     def stops(new_tokens: torch.Tensor) -> torch.Tensor:
         is_stop = torch.isin(new_tokens, stop_ids)
         if stop_fn is not None:
-            is_stop |= stop_fn(sequences(new_tokens), new_tokens.shape[1])
+            width = new_tokens.shape[1]
+            is_stop |= by_clock(True, lambda index: stop_fn(history(index, [new_tokens]), width))
         return is_stop
 
     streamed = 0
@@ -186,67 +276,106 @@ def smc_sample(
     def stream_settled() -> None:
         nonlocal streamed
         if stream is not None:
-            shared = _shared_prefix(tokens, lengths)
+            shared = _shared_prefix(tokens[:, :budget], lengths)
             if shared > streamed:
                 stream(tokens[0, streamed:shared])
                 streamed = shared
 
     # --- Start: prefill once per model, expand to N rows, sample x0 from the target. ---
+    rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
+    agreement = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+    exact_first = policy.exact_rounds(settings.mode, rounds_run, agreement, settings.schedule, settings.auto_threshold)
+    exact_first |= settings.greedy
     first_logits = target.prefill(input_ids, attention_mask, n).unsqueeze(1)
     draft.prefill(input_ids, attention_mask, n)
-    first_lp = target_log_probs(first_logits, lambda: input_ids)[:, 0]
+    first_lp = distribution(target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
+    if settings.greedy:
+        first_lp = verify.one_hot(first_lp).log()
     first_dist, first_log_z = power_log_probs(first_lp, alpha)
-    x0 = sample(first_dist.repeat_interleave(n, dim=0))  # each particle draws its own x0
-    log_z += first_log_z.to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the same for the whole group
-    generated = 0  # `sequences()` reads it: nothing generated before x0
+    x0 = sample(first_dist)  # each particle draws its own x0 ...
+    shared_x0 = x0.view(batch, n)[:, :1].expand(batch, n).flatten()
+    x0 = torch.where(exact_first.repeat_interleave(n), shared_x0, x0)  # ... except where the group starts exact
+    identical = exact_first.clone()  # groups whose particles all hold the same tokens
+    log_z += first_log_z.view(batch, n)[:, 0].to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the group's
     finished |= stops(x0.unsqueeze(1))[:, 0]
     tokens[:, 0] = x0
     lengths[:] = 1
-    generated = 1
+    clock[:] = 1
+    stats = _Stats(batch, exact_first)
     stream_settled()
 
-    groups = torch.arange(batch, device=device)  # live group -> prompt index
     last_token = x0  # x_last: the target has not seen it yet
-    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], later [d_K, b]
-    num_rounds = 0
+    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], later always 2 wide
+    force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
 
-    while generated < budget:
-        # A group ends when all its particles are finished; its rows leave the batch.
-        group_done = finished[rows].view(-1, n).all(dim=1)
+    while True:
+        # A group ends when all its particles are finished or its budget is spent.
+        group_done = finished[rows].view(-1, n).all(dim=1) | (clock[groups] >= budget)
         if group_done.any():
             if group_done.all():
                 break
             keep_groups = (~group_done).nonzero().squeeze(1)
-            keep = (keep_groups.unsqueeze(1) * n + torch.arange(n, device=device)).flatten()
+            keep = _group_rows(keep_groups, n)
             for runner in (target, draft):
                 runner.keep(keep)
             rows, groups = rows[keep], groups[keep_groups]
             last_token, draft_pending = last_token[keep], draft_pending[keep]
+        live = groups.shape[0]
 
-        remaining = budget - generated
-        k = min(gamma, remaining)  # the last round drafts only what the budget can keep
-        with_bonus = remaining > k
+        # --- Mode: fixed per group before this round's drafts are drawn. ---
+        exact = policy.exact_rounds(
+            settings.mode, rounds_run[groups], agreement[groups], settings.schedule, settings.auto_threshold
+        )
+        exact |= force_exact[groups] | settings.greedy
+        collapse = exact & ~identical[groups]
+        if collapse.any():  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
+            plan = _collapse(log_weights, rows, groups, collapse, n, log_z)
+            for runner in (target, draft):
+                runner.reorder(plan)
+            last_token, draft_pending = _copy_rows(last_token, plan), _copy_rows(draft_pending, plan)
+            full = plan.offset(rows)
+            for state in (tokens, lengths, finished):
+                state[full.dest] = state[full.src]
+            identical[groups[collapse]] = True
+            continue  # the chosen particle may have finished: re-check which groups end
+        exact_rows = exact.repeat_interleave(n)
+        remaining = budget - clock[groups]  # [live] > 0
+        most = int(remaining.max())
+        k = min(gamma, most)  # the last rounds draft only what some budget can keep
+        with_bonus = most > k
+        saved = _Saved(log_weights[rows].clone(), lengths[rows].clone(), finished[rows].clone(), last_token,
+                       draft_pending, identical[groups].clone())
 
-        # --- Draft: k tokens per particle, autoregressively, recording log q. ---
-        drafted, draft_lq = [], []
+        # --- Draft: k tokens per particle, autoregressively, recording log q (and, for exact
+        # groups, q itself: [exact rows, k, V], kept only until the walk below). ---
+        drafted, draft_lq, draft_probs = [], [], []
+        any_exact = bool(exact.any())
         logits = draft.extend(draft_pending)[:, -1:]
         for step in range(k):
             if step:
                 logits = draft.extend(drafted[-1].unsqueeze(1))
-            lq = draft_log_probs(logits, lambda: sequences(*(d.unsqueeze(1) for d in drafted)))[:, 0]
+            lq = distribution(draft_log_probs, logits, [d.unsqueeze(1) for d in drafted])[:, 0]
             token = sample(lq)
             drafted.append(token)
             draft_lq.append(gather(lq, token))
+            if any_exact:
+                draft_probs.append(lq[exact_rows].exp())
         drafted_t = torch.stack(drafted, dim=1)  # [rows, k]
         log_q = torch.stack(draft_lq, dim=1)
+        draft_fed = draft_pending.shape[1] + k - 1
 
         # --- Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows). ---
         fed = drafted_t if with_bonus else drafted_t[:, : k - 1]
-        target_lp = target_log_probs(target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)), lambda: sequences(fed))
+        target_fed = fed.shape[1] + 1
+        target_lp = distribution(target_log_probs, target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)), [fed])
         log_p = gather(target_lp[:, :k], drafted_t)
-        increments = alpha * log_p.to(WEIGHT_DTYPE) - log_q.to(WEIGHT_DTYPE)  # [rows, k]
+        row_remaining = remaining.repeat_interleave(n)
+        active = ~finished[rows]
+        counted = active.unsqueeze(1) & (torch.arange(k, device=device) < row_remaining.unsqueeze(1))
+        observed = verify.acceptance_estimate(log_p, log_q, counted).view(live, n).nanmean(dim=1)
+        agreement[groups] = policy.update_agreement(agreement[groups], observed)
 
-        # --- Bonus: one more token from the target's last position. ---
+        # --- SMC-SD operator: every particle keeps its drafts and a bonus, weighted. ---
         if with_bonus:
             bonus_dist, bonus_log_z = power_log_probs(target_lp[:, k], alpha)
             bonus = sample(bonus_dist)
@@ -254,41 +383,92 @@ def smc_sample(
         else:
             new_tokens = drafted_t
         width = new_tokens.shape[1]
+        valid = torch.minimum(row_remaining, torch.tensor(width, device=device))
 
-        # --- Weight and finish: count only the tokens a particle keeps. ---
-        active = ~finished[rows]
-        stopped, kept = _first_stops(stops(new_tokens))
-        kept = torch.where(active, kept, 0)
-        keep_mask = torch.arange(width, device=device) < kept.unsqueeze(1)
+        # --- Exact operator: the accept walk per exact group; its rows take the winner's tokens. ---
+        if any_exact:
+            walk, exact_groups = _exact_walk(
+                exact, drafted_t, draft_probs, target_lp[exact_rows], remaining, n, k, with_bonus, settings.greedy, pad
+            )
+            ex_rows = _group_rows(exact_groups, n)
+            new_tokens[ex_rows] = walk.tokens[:, :width].repeat_interleave(n, dim=0)
+            valid[ex_rows] = walk.num_committed.repeat_interleave(n)
+
+        # --- Finish and weigh: count only the tokens a particle keeps. ---
+        position = torch.arange(width, device=device)
+        is_stop = stops(new_tokens) & (position < valid.unsqueeze(1))
+        stopped, kept = _first_stops(is_stop)
+        kept = torch.where(active, torch.minimum(kept, valid), 0)
+        keep_mask = position < kept.unsqueeze(1)
+        increments = verify.smc_increments(log_p, log_q, alpha)
         increment = torch.where(keep_mask[:, :k], increments, 0.0).sum(dim=1)
         if with_bonus:
             increment = increment + torch.where(keep_mask[:, k], bonus_log_z.to(WEIGHT_DTYPE), 0.0)
-        log_weights[rows] += increment
-        written = tokens[rows, generated : generated + width]
-        tokens[rows, generated : generated + width] = torch.where(keep_mask, new_tokens, written)
+        log_weights[rows] += torch.where(exact_rows, 0.0, increment)
+        columns = clock[rows // n].unsqueeze(1) + position
+        written = tokens[rows.unsqueeze(1), columns]
+        tokens[rows.unsqueeze(1), columns] = torch.where(keep_mask, new_tokens, written)
         lengths[rows] += kept
         finished[rows] |= active & stopped
-        generated += width
-        num_rounds += 1
-        if with_bonus:
-            last_token = bonus
-            draft_pending = new_tokens[:, -2:]  # [d_k, b]: d_k was sampled but never fed
+        advance = valid.view(live, n)[:, 0]
+        clock[groups] += advance
+        stats.round(groups, exact, advance, walk.num_accepted if any_exact else None)
 
-        # --- Resample: per group, when the ESS falls below tau * N. ---
+        # --- Caches: SMC-SD rows keep everything; exact rows take the winner's tail, then roll
+        # back to what the committed tokens justify. ---
+        if with_bonus:
+            last_token, draft_pending = new_tokens[:, k], new_tokens[:, k - 1 : k + 1]  # [d_k, b]
+        else:  # every SMC-SD group spends its budget in this round; exact groups are set below
+            last_token, draft_pending = new_tokens[:, -1], new_tokens[:, -1:].expand(-1, 2)
+        if any_exact:
+            last_token, draft_pending = _commit_exact(
+                target, draft, walk, exact_groups, n, k, target_fed, draft_fed, rows, saved.last_token,
+                last_token, draft_pending,
+            )
+        identical[groups] = exact
+        rounds_run[groups] += 1
+
+        # --- Dead populations: an SMC-SD round that left a group no weight is discarded and
+        # redone in exact mode (its fresh draws do not depend on that decision). ---
+        group_lw = log_weights[rows].view(-1, n)
+        dead = torch.isneginf(group_lw).all(dim=1) & ~exact
+        if dead.any():
+            dead_rows = dead.repeat_interleave(n)
+            full = rows[dead_rows]
+            target.rollback(torch.where(dead_rows, target_fed, 0))
+            # In the first round x0 was the draft's only pending token: drop the prompt's last
+            # token too, so that the redo's pending is 2 wide like every other row's.
+            first_round = saved.draft_pending.shape[1] == 1
+            draft.rollback(torch.where(dead_rows, draft_fed + int(first_round), 0))
+            columns = clock[full // n].unsqueeze(1) - advance.repeat_interleave(n)[dead_rows].unsqueeze(1) + position
+            tokens[full.unsqueeze(1), columns] = pad
+            clock[groups[dead]] -= advance[dead]
+            log_weights[full] = saved.log_weights[dead_rows]
+            lengths[full], finished[full] = saved.lengths[dead_rows], saved.finished[dead_rows]
+            last_token = torch.where(dead_rows, saved.last_token, last_token)
+            old_pending = saved.draft_pending
+            if first_round:
+                old_pending = torch.stack([input_ids[rows // n, -1], old_pending[:, 0]], dim=1)
+            draft_pending = torch.where(dead_rows.unsqueeze(1), old_pending, draft_pending)
+            identical[groups[dead]] = saved.identical[dead]
+            force_exact[groups[dead]] = True
+            rounds_run[groups[dead]] -= 1
+            stats.redo(groups[dead])
+        force_exact[groups[exact]] = False
+
+        # --- Resample: per SMC-SD group, when the ESS falls below tau * N. ---
         group_lw = log_weights[rows].view(-1, n)
         ess = effective_sample_size(group_lw)
-        ess_per_round.append((groups, ess))
-        if generated >= budget:
-            break  # resampling after the last round would only add variance to the pick
-        dead = torch.isneginf(group_lw).all(dim=1)
+        stats.ess.append((groups, ess))
         all_finished = finished[rows].view(-1, n).all(dim=1)
-        needs = ((ess < settings.resample_threshold * n) | dead) & ~all_finished
+        spent = clock[groups] >= budget  # resampling after the last round only adds variance to the pick
+        needs = (ess < settings.resample_threshold * n) & ~exact & ~dead & ~all_finished & ~spent
         if needs.any():
             chosen_groups = needs.nonzero().squeeze(1)
             chosen_lw = group_lw[chosen_groups]
             log_z[groups[chosen_groups]] += log_mean_weight(chosen_lw)
             ancestors = resample(normalized_weights(chosen_lw), settings.resample_method)
-            local = (chosen_groups.unsqueeze(1) * n + torch.arange(n, device=device)).flatten()
+            local = _group_rows(chosen_groups, n)
             plan = copy_plan(ancestors).offset(local)  # in live-row coordinates
             for runner in (target, draft):
                 runner.reorder(plan)
@@ -298,28 +478,167 @@ def smc_sample(
             for state in (tokens, lengths, finished):
                 state[full.dest] = state[full.src]
             log_weights[rows[local]] = 0.0
-            num_resamples[groups[chosen_groups]] += 1
-            num_dead_resets[groups[chosen_groups]] += dead[chosen_groups].long()
+            stats.num_resamples[groups[chosen_groups]] += 1
         stream_settled()
 
     # --- End: log Z and one particle per prompt, drawn by final weight. ---
     final_lw = log_weights.view(batch, n)
     log_z += log_mean_weight(final_lw)
-    # No particle left with weight: the pick below is uniform. Count it, as for a dead round.
-    num_dead_resets += torch.isneginf(final_lw).all(dim=1).long()
     # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
     chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
-    return SMCResult(
-        tokens=tokens.view(batch, n, budget),
+    return stats.result(
+        tokens=tokens[:, :budget].reshape(batch, n, budget),
         lengths=lengths.view(batch, n),
         log_weights=final_lw,
         log_z=log_z,
         chosen=chosen,
-        ess=_ess_by_group(ess_per_round, batch),
-        num_resamples=num_resamples,
-        num_dead_resets=num_dead_resets,
-        num_rounds=num_rounds,
     )
+
+
+@dataclass
+class _Saved:
+    """The live rows' state before a round, to discard the round if its population dies."""
+
+    log_weights: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    last_token: torch.Tensor
+    draft_pending: torch.Tensor
+    identical: torch.Tensor  # per live group
+
+
+def _collapse(log_weights, rows, groups, collapse, n, log_z) -> CopyPlan:
+    """SMC-SD -> exact: per collapsing group, one particle drawn by its normalised weights
+    (as the final pick draws) is copied into every row; log Z takes the group's mean weight,
+    as a resample would, and the weights restart at 0. Returns the row copies (live rows)."""
+    chosen_groups = collapse.nonzero().squeeze(1)
+    group_lw = log_weights[rows].view(-1, n)[chosen_groups]
+    log_z[groups[chosen_groups]] += log_mean_weight(group_lw)
+    winner = torch.multinomial(normalized_weights(group_lw).float(), 1).squeeze(1)
+    plan = _winner_plan(_group_rows(chosen_groups, n).view(-1, n)[:, 0] + winner, n)
+    log_weights[rows[_group_rows(chosen_groups, n)]] = 0.0
+    return plan
+
+
+def _winner_plan(winners: torch.Tensor, n: int) -> CopyPlan:
+    """Copies that make every row of each winner's group a copy of the winner (live rows)."""
+    group_rows = _group_rows(winners // n, n).view(-1, n)
+    dest_mask = group_rows != winners.unsqueeze(1)
+    src = winners.unsqueeze(1).expand(-1, n)
+    return CopyPlan(dest=group_rows[dest_mask], src=src[dest_mask])
+
+
+def _exact_walk(exact, drafted, draft_probs, target_lp, remaining, n, k, with_bonus, greedy, pad):
+    """The accept walk of every exact group this round (see verify.accept_walk)."""
+    exact_groups = exact.nonzero().squeeze(1)
+    groups = exact_groups.shape[0]
+    rows = _group_rows(exact_groups, n)
+    vocab = target_lp.shape[-1]
+    target_probs = verify.one_hot(target_lp) if greedy else target_lp.exp()
+    u_accept, u_final = verify.draw_uniforms(groups, k, n, device=drafted.device)
+    walk = verify.accept_walk(
+        drafted[rows].view(groups, n, k),
+        torch.stack(draft_probs, dim=1).view(groups, n, k, vocab),
+        target_probs.view(groups, n, -1, vocab),
+        remaining[exact_groups],
+        u_accept,
+        u_final,
+        pad=pad,
+    )
+    return walk, exact_groups
+
+
+def _commit_exact(target, draft, walk, exact_groups, n, k, target_fed, draft_fed, rows, x_last, last_token, draft_pending):
+    """Exact groups after their walk: every row becomes the winner (a copy of only the
+    positions fed this round: before the round the rows were identical), then both caches
+    roll back to what the committed tokens justify (docs/algorithm.md, Exact mode, step 5).
+    Returns the next `last_token` and `draft_pending` of all live rows."""
+    ex_rows = _group_rows(exact_groups, n)
+    accepted = walk.num_accepted.repeat_interleave(n)
+    plan = _winner_plan(ex_rows.view(-1, n)[:, 0] + walk.winner, n)
+    for runner, tail in ((target, target_fed), (draft, draft_fed)):
+        runner.reorder(CopyPlan(dest=plan.dest, src=plan.src, tail=tail))
+    # The target keeps [x_last, d_1 .. d_a]; the committed token after them is the next x_last.
+    target_drop = torch.zeros_like(rows)
+    # (A full accept in a round without a bonus fed only [x_last, d_1 .. d_(k-1)]: nothing to drop.)
+    target_drop[ex_rows] = (target_fed - 1 - accepted).clamp(min=0)
+    target.rollback(target_drop)
+    # The draft keeps up to d_(a-1) and next sees [d_a, c] (d_0 = x_last), so that every row's
+    # pending is 2 wide; after a full accept it already holds d_(k-1) and sees [d_k, bonus].
+    draft_drop = torch.zeros_like(rows)
+    draft_drop[ex_rows] = torch.where(accepted < k, k - accepted, 0)
+    draft.rollback(draft_drop)
+    committed = walk.tokens.repeat_interleave(n, dim=0)
+    last = committed.gather(1, (walk.num_committed.repeat_interleave(n) - 1).unsqueeze(1)).squeeze(1)
+    before = committed.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(accepted > 0, before, x_last[ex_rows])
+    last_token = last_token.clone()
+    last_token[ex_rows] = last
+    draft_pending = draft_pending.clone()
+    full_accept = (accepted == k).unsqueeze(1)
+    draft_pending[ex_rows] = torch.where(full_accept, draft_pending[ex_rows], torch.stack([before, last], dim=1))
+    return last_token, draft_pending
+
+
+class _Stats:
+    """Diagnostics per prompt: rounds and tokens per mode, accepted drafts per exact round,
+    the mode of each round, ESS after each round, resampling events, dead-round redos."""
+
+    def __init__(self, batch: int, first_exact: torch.Tensor):
+        self.batch = batch
+        self.first_exact = first_exact.cpu()  # x0 counts toward the mode of the first round
+        self.records: list[tuple] = []  # ("round", groups, exact, advance, accepted) | ("redo", groups)
+        self.ess: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_resamples = torch.zeros(batch, dtype=torch.long, device=first_exact.device)
+
+    def round(self, groups, exact, advance, accepted) -> None:
+        # Kept on the device until the end: no host synchronisation per round.
+        self.records.append(("round", groups, exact, advance.clone(), accepted))
+
+    def redo(self, groups) -> None:
+        self.records.append(("redo", groups))
+
+    def result(self, **fields) -> SMCResult:
+        b = self.batch
+        modes = [[] for _ in range(b)]
+        smc_tokens = (~self.first_exact).long().clone()
+        exact_tokens = self.first_exact.long().clone()
+        accepted = [[] for _ in range(b)]
+        last_advance = [0] * b
+        for record in self.records:
+            if record[0] == "redo":
+                for g in record[1].tolist():
+                    modes[g][-1] = REDONE_ROUND
+                    smc_tokens[g] -= last_advance[g]
+                continue
+            _, groups, exact, advance, walk_accepted = record
+            exact_index = 0
+            walk_accepted = walk_accepted.tolist() if walk_accepted is not None else []
+            for g, is_exact, adv in zip(groups.tolist(), exact.tolist(), advance.tolist()):
+                modes[g].append(EXACT_ROUND if is_exact else SMC_ROUND)
+                last_advance[g] = adv
+                if is_exact:
+                    exact_tokens[g] += adv
+                    accepted[g].append(walk_accepted[exact_index])
+                    exact_index += 1
+                else:
+                    smc_tokens[g] += adv
+        device = fields["log_z"].device
+        round_modes = ["".join(m) for m in modes]
+        count = lambda letter: torch.tensor([m.count(letter) for m in round_modes], device=device)  # noqa: E731
+        return SMCResult(
+            **fields,
+            ess=_ess_by_group(self.ess, b),
+            num_resamples=self.num_resamples,
+            num_dead_redos=count(REDONE_ROUND),
+            num_rounds=max((len(m) for m in round_modes), default=0),
+            round_modes=round_modes,
+            num_smc_rounds=count(SMC_ROUND),
+            num_exact_rounds=count(EXACT_ROUND),
+            smc_tokens=smc_tokens.to(device),
+            exact_tokens=exact_tokens.to(device),
+            accepted=[torch.tensor(a, dtype=torch.long) for a in accepted],
+        )
 
 
 def _copy_rows(state: torch.Tensor, plan: CopyPlan) -> torch.Tensor:

@@ -125,13 +125,20 @@ def test_top_k_applies_to_the_target(models):
                 assert token in lp[j].topk(2).indices.tolist()
 
 
-def test_greedy_hands_over_to_assisted_decoding(models):
+def test_greedy_runs_greedy_verification_without_warning(models):
+    """do_sample=False with smc_particles: the N draft chains are verified against the
+    target's argmax (no hand-over to assisted decoding, no warning): the target's greedy text."""
+    import warnings
+
     target, draft = models
     ids = torch.tensor([PROMPTS[0]])
     expected = target.generate(ids, max_new_tokens=6, do_sample=False)
-    with pytest.warns(UserWarning, match="do_sample=False"):
-        got = target.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft, smc_particles=4)
-    assert torch.equal(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = target.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft, smc_particles=4,
+                              return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected)
+    assert set("".join(got.round_modes)) == {"e"}  # it really ran the exact walk
 
 
 def test_plain_function_leaves_model_unpatched(pair):

@@ -67,9 +67,11 @@ def test_processed_target_is_approached_as_particles_grow(enumerable, generate_k
     plain = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
     noise = noise_bound(exact)
     assert total_variation(exact, plain) > 3 * noise, "the processor must change the distribution measurably"
-    tvs = {n: total_variation(exact, smc_outputs(target, draft, n, smc_gamma=1, **generate_kwargs)) for n in (1, 16)}
+    # N=2, not N=1: at N=1 every draft the truncation rules out kills the population, and its
+    # round is redone exactly, which hides much of the SMC-SD bias the comparison is about.
+    tvs = {n: total_variation(exact, smc_outputs(target, draft, n, smc_gamma=1, **generate_kwargs)) for n in (2, 16)}
     print(generate_kwargs, "TV by N:", {n: round(tv, 4) for n, tv in tvs.items()}, "noise bound", round(noise, 4))
-    assert tvs[16] < tvs[1] - noise
+    assert tvs[16] < tvs[2] - noise
 
 
 def test_draft_processors_make_draft_equal_target_exact(enumerable):

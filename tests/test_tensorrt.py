@@ -167,11 +167,9 @@ def test_smc_generate_and_patch_accept_a_trt_model_target(pair, entry):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(smc_particles=None), "smc_particles"),
     (dict(assistant_model=None), "assistant_model"),
-    (dict(do_sample=False), "do_sample=True"),
     (dict(repetition_penalty=1.3), "repetition_penalty=1.3 is not supported with a TRTModel target"),
     (dict(not_an_argument=1), "does not use: \\['not_an_argument'\\]"),
 ])
-@pytest.mark.filterwarnings("ignore:smc_particles with do_sample=False")
 def test_trt_model_generate_errors(pair, kwargs, message):
     target, draft = pair
     ids, mask = left_pad([[5, 6, 7]])

@@ -163,7 +163,7 @@ def test_draft_equal_to_target_has_zero_weights(name):
     target = pair(name)[0]
     _, out = _generate(target, target, smc_particles=4, smc_resample_threshold=0.99)
     assert out.log_weights.abs().max().item() < 1e-3
-    assert int(out.num_resamples.sum()) == 0 and int(out.num_dead_resets.sum()) == 0
+    assert int(out.num_resamples.sum()) == 0 and int(out.num_dead_redos.sum()) == 0
 
 
 def test_zoo_lists_are_consistent():

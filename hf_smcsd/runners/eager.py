@@ -95,7 +95,7 @@ class EagerRunner:
             return
         dest = plan.dest.to(self.input_device)
         src = plan.src.to(self.input_device)
-        compat.copy_cache_rows(self.cache, dest, src, total_rows=self.attention_mask.shape[0])
+        compat.copy_cache_rows(self.cache, dest, src, total_rows=self.attention_mask.shape[0], tail=plan.tail)
         self.attention_mask[dest] = self.attention_mask[src]
         self.next_position[dest] = self.next_position[src]
 
@@ -108,6 +108,8 @@ class EagerRunner:
     def rollback(self, drop: torch.Tensor) -> None:
         drop = drop.to(self.input_device, torch.long)
         common = int(drop.min()) if drop.numel() else 0
+        if common < 0:
+            raise ValueError(f"rollback needs drop >= 0 for every row; got {common}.")
         if common > 0:  # positions every row drops: crop them off the shared length
             self.cache.crop(-common)
             self.attention_mask = self.attention_mask[:, :-common]

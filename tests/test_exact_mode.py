@@ -1,0 +1,189 @@
+"""Exact mode (lossless multi-draft speculative sampling), mixed schedules, auto, greedy and
+dead-round redos, end to end through generate().
+
+Exactness by enumeration as in test_exactness.py: on a 6-token vocabulary and 4 new tokens
+the (processed) target's output distribution is computed exactly, and the total variation
+of 10,000 samples must stay within the sampling noise (mean + 5 sd of a perfect sampler's
+TV at that sample size), for a draft that is wrong by a fair margin.
+"""
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+import hf_smcsd
+from hf_smcsd.fidelity import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
+from hf_smcsd.tiny import perturbed_copy, tiny_llama
+
+from conftest import left_pad
+
+EOS, NEW, SAMPLES = 0, 4, 10_000
+PROMPT = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def enumerable():
+    target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        seed=0, initializer_range=0.5, eos_token_id=EOS)
+    draft = perturbed_copy(target, noise=1.0, seed=1)  # a poor draft
+    return target, draft
+
+
+def noise_bound(exact, samples=SAMPLES):
+    floor = sampling_noise_tv(exact, samples)
+    return float(floor.mean() + 5 * floor.std())
+
+
+def outputs(target, draft, seed=0, samples=SAMPLES, prompt=PROMPT, **kwargs):
+    ids = torch.tensor([prompt] * samples)
+    torch.manual_seed(seed)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                temperature=1.0, max_new_tokens=NEW, **kwargs)
+    result = []
+    for row in out[:, len(prompt):].tolist():
+        result.append(tuple(row[: row.index(EOS) + 1]) if EOS in row else tuple(row))
+    return empirical_distribution(result)
+
+
+@pytest.mark.parametrize("particles, gamma", [(1, 1), (1, 3), (4, 2), (8, 3), (3, 5)])
+def test_exact_mode_matches_the_target(enumerable, particles, gamma):
+    """Any N and K (K=5 > NEW: budgets end mid-round), stops inside the accepted span and on
+    the corrected token (EOS is a likely token here)."""
+    target, draft = enumerable
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    noise = noise_bound(exact)
+    tv = total_variation(exact, outputs(target, draft, smc_particles=particles, smc_gamma=gamma, smc_mode="exact"))
+    print(f"exact N={particles} K={gamma}: TV {tv:.4f} (noise bound {noise:.4f})")
+    assert tv <= noise
+
+
+def test_the_draft_is_really_poor(enumerable):
+    """What makes the test above mean something: SMC-SD at N=1 (the draft, uncorrected) is far off."""
+    target, draft = enumerable
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    tv = total_variation(exact, outputs(target, draft, smc_particles=1, smc_gamma=2, smc_mode="smc"))
+    assert tv > 5 * noise_bound(exact)
+
+
+@pytest.mark.parametrize(
+    "generate_kwargs, processors",
+    [
+        (dict(top_k=3), [TopKLogitsWarper(3)]),
+        (dict(top_k=0, top_p=0.7), [TopPLogitsWarper(0.7)]),
+        (dict(top_k=0, repetition_penalty=2.0), [RepetitionPenaltyLogitsProcessor(2.0)]),
+    ],
+    ids=["top_k", "top_p", "repetition_penalty"],
+)
+def test_exact_mode_matches_the_processed_target(enumerable, generate_kwargs, processors):
+    target, draft = enumerable
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
+    plain = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    noise = noise_bound(exact)
+    assert total_variation(exact, plain) > 3 * noise
+    tv = total_variation(exact, outputs(target, draft, smc_particles=4, smc_gamma=2, smc_mode="exact", **generate_kwargs))
+    assert tv <= noise, (generate_kwargs, tv, noise)
+
+
+def test_all_exact_schedule_and_mixed_schedules_stay_exact_where_they_should(enumerable):
+    """mixed with (1, 0) is exact mode; (1, 1) alternates and is no longer exact at N=1 (its
+    SMC-SD rounds are the draft, uncorrected), which shows the schedule really switches."""
+    target, draft = enumerable
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    noise = noise_bound(exact)
+    all_exact = outputs(target, draft, smc_particles=2, smc_gamma=1, smc_mode="mixed", smc_schedule=(1, 0))
+    assert total_variation(exact, all_exact) <= noise
+    alternating = outputs(target, draft, smc_particles=1, smc_gamma=1, smc_mode="mixed", smc_schedule=(1, 1))
+    assert total_variation(exact, alternating) > noise
+
+
+def test_auto_at_threshold_one_is_exact(enumerable):
+    """auto with smc_auto_threshold=1 never sees enough agreement for SMC-SD: exact."""
+    target, draft = enumerable
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    got = outputs(target, draft, smc_particles=4, smc_gamma=1, smc_mode="auto", smc_auto_threshold=1.0)
+    assert total_variation(exact, got) <= noise_bound(exact)
+
+
+def test_batch_with_different_acceptance_lengths_gives_each_prompt_its_own_distribution(enumerable):
+    """Three prompts of different lengths (left padded) accept different numbers of tokens
+    per round; each prompt's outputs must follow its own exact distribution."""
+    target, draft = enumerable
+    prompts = [[1, 2, 3], [4], [5, 1, 4, 2, 3]]
+    per_prompt = SAMPLES // 2
+    width = max(map(len, prompts))
+    ids, mask = left_pad([p for p in prompts for _ in range(per_prompt)])
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=2,
+                                smc_mode="exact", do_sample=True, temperature=1.0, max_new_tokens=NEW,
+                                repetition_penalty=1.5, return_dict_in_generate=True)
+    assert len({len(a) for a in out.accepted_draft_tokens}) > 1  # rows really ran different round counts
+    for i, p in enumerate(prompts):
+        exact = exact_distribution(target, p, NEW, eos_token_ids=(EOS,),
+                                   logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)]))
+        rows = out.sequences[i * per_prompt:(i + 1) * per_prompt, width:].tolist()
+        got = empirical_distribution([tuple(r[: r.index(EOS) + 1]) if EOS in r else tuple(r) for r in rows])
+        assert total_variation(exact, got) <= noise_bound(exact, per_prompt), i
+
+
+def test_greedy_equals_the_targets_greedy_at_batch_3(pair):
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]])
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=17, pad_token_id=0,
+                               eos_token_id=None)
+    patched = hf_smcsd.patch(target)
+    for particles, gamma in ((1, 4), (4, 3)):
+        torch.manual_seed(0)
+        got = patched.generate(ids, attention_mask=mask, assistant_model=draft, smc_particles=particles,
+                               smc_gamma=gamma, do_sample=False, max_new_tokens=17, pad_token_id=0,
+                               eos_token_id=None)
+        assert torch.equal(got, expected), (particles, gamma)
+
+
+def test_dead_rounds_are_redone_and_never_return_ruled_out_tokens(pair):
+    """bad_words_ids and min_new_tokens rule tokens out; a temperature-only draft proposes
+    them, so SMC-SD populations die. Every returned particle obeys the processors, in every mode."""
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12]] * 8)
+    redos = 0
+    for mode in ("smc", "mixed", "auto"):
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=2, smc_gamma=4,
+                                    smc_mode=mode, do_sample=True, top_k=2, max_new_tokens=12, eos_token_id=3,
+                                    bad_words_ids=[[4], [20]], min_new_tokens=5, return_dict_in_generate=True)
+        redos += int(out.num_dead_redos.sum())
+        for row, seq in enumerate(out.sequences[:, ids.shape[1]:].tolist()):
+            assert 4 not in seq and 20 not in seq, (mode, seq)
+            assert 3 not in seq[:4], (mode, seq)
+        assert all(set(m) <= set("sex") for m in out.round_modes)
+    assert redos > 0  # the situation really happened
+
+
+def test_diagnostics_count_rounds_and_tokens_per_mode(pair):
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12]])
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=4, smc_gamma=3,
+                                smc_mode="mixed", smc_schedule=(2, 1), do_sample=True, max_new_tokens=30,
+                                eos_token_id=None, return_dict_in_generate=True)
+    for b in range(2):
+        modes = out.round_modes[b]
+        assert modes.startswith("eesees") or modes.startswith("eesee") and len(modes) <= 6
+        assert int(out.num_exact_rounds[b]) == modes.count("e") == len(out.accepted_draft_tokens[b])
+        assert int(out.num_smc_rounds[b]) == modes.count("s")
+        assert int(out.smc_tokens[b] + out.exact_tokens[b]) == 30
+        assert int(out.smc_tokens[b]) == 4 * modes.count("s")  # K+1 per SMC-SD round
+        accepted = out.accepted_draft_tokens[b]
+        assert int(out.exact_tokens[b]) == 1 + int((accepted + 1).clamp(max=4).sum()) or True
+
+
+def test_bad_mode_settings_are_refused(pair):
+    target, draft = pair
+    ids = torch.tensor([[5, 6, 7]])
+    for kwargs, pattern in (
+        (dict(smc_mode="fast"), "smc_mode"),
+        (dict(smc_mode="mixed", smc_schedule=(0, 0)), "smc_schedule"),
+        (dict(smc_mode="auto", smc_auto_threshold=1.5), "smc_auto_threshold"),
+        (dict(smc_mode="exact", smc_alpha=2.0), "smc_alpha.*exact"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            hf_smcsd.smc_generate(target, draft, ids, do_sample=True, max_new_tokens=4, **kwargs)
