@@ -2,6 +2,8 @@
 and the checks that say what to rebuild."""
 
 import json
+import os
+import subprocess
 import runpy
 import shlex
 import sys
@@ -275,3 +277,21 @@ def test_pair_checks():
     problems = check_pair(manifest(vocab=40), manifest(role="draft", vocab=41, tokens_per_step=2))
     assert any("vocabulary" in p for p in problems)
     assert any("role='target'" in p for p in check_pair(manifest(), manifest()))
+
+
+def test_gpu_check_says_what_it_could_not_do_and_fails_here(capsys):
+    """No GPU and no TensorRT-LLM on this machine: the one-command GPU check must say so,
+    check nothing and exit non-zero (2), never report success."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("this machine has a GPU and TensorRT-LLM: the check would run for real")
+    assert cli.main(["gpu-check"]) == 2
+    out = capsys.readouterr().out
+    assert "COULD NOT RUN - nothing was checked" in out and "PASS" not in out
+    assert ("no NVIDIA GPU" in out) or ("no TensorRT-LLM" in out)
+    script = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert script.returncode == 2 and "COULD NOT RUN" in script.stdout

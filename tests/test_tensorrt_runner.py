@@ -297,8 +297,7 @@ def test_host_inputs_are_bound_on_the_cpu_by_name():
 
 
 def test_stand_in_refuses_host_inputs_bound_on_the_device(pair):
-    runner, engine = make_runner(pair[0])
-    ids, mask = left_pad(PROMPTS[:1])
+    _, engine = make_runner(pair[0])
     inputs = {name: torch.zeros(1, dtype=torch.int32) for name in engine.input_names}
     engine.dtypes = {name: torch.int32 for name in engine.input_names}
     from hf_smcsd.runners import tensorrt
