@@ -309,3 +309,39 @@ def test_stand_in_refuses_host_inputs_bound_on_the_device(pair):
             engine.check_binding(inputs)
     finally:
         tensorrt.bound_on_host = original
+
+
+# ------------------------------------------------------------------ hf-smcsd gpu-check, on CPU
+
+
+def stand_in_trt_model(model, tokens_per_step):
+    from hf_smcsd.runners.tensorrt import TRTModel
+
+    engine = ReferenceEngine(model, max_batch_size=8, tokens_per_step=tokens_per_step)
+    manifest = manifest_for(engine, role="target" if tokens_per_step > 2 else "draft")
+    factory = lambda: engine.attach(TensorRTRunner(engine, manifest, num_blocks=64))  # noqa: E731
+    return TRTModel(factory, model.config, model.generation_config, "/nowhere", manifest)
+
+
+@pytest.fixture(scope="module")
+def gpu_check_context():
+    from hf_smcsd.engines import gpu_check
+
+    target, draft = gpu_check.tiny_pair()
+    return gpu_check.Context(stand_in_trt_model(target, gpu_check.K + 1), stand_in_trt_model(draft, 2), target, draft,
+                             device="cpu")
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_gpu_check_checks_pass_against_the_stand_in(gpu_check_context, index):
+    """The GPU check's own logic, run here with stand-in engines in float32: a failure on
+    the GPU then points at the engines, not at the check."""
+    from hf_smcsd.engines import gpu_check
+    from hf_smcsd.generate import SMC_KNOBS
+
+    name, check = gpu_check.CHECKS[index]
+    if check is gpu_check.check_exact_generate and "smc_mode" not in SMC_KNOBS:
+        with pytest.raises(ValueError, match="does not know: \\['smc_mode'\\]"):  # never silently SMC instead
+            check(gpu_check_context)
+        return
+    assert check(gpu_check_context), name

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 COULD_NOT_RUN = 2
@@ -63,14 +63,14 @@ def missing_prerequisites() -> list[str]:
 
 @dataclass
 class Context:
-    """The engines built for the checks and the eager models they are compared with."""
+    """The engine-backed models under check and the eager models they are compared with.
+    (The CPU tests build one with torch stand-ins for the engines.)"""
 
-    root: Path
-    target_dir: Path
-    draft_dir: Path
-    target: object  # float16 eager transformers models on the GPU
+    target_engine: object  # TRTModel
+    draft_engine: object
+    target: object  # eager transformers models, same dtype and device
     draft: object
-    notes: list[str] = field(default_factory=list)
+    device: object = "cuda"
 
 
 def tiny_pair():
@@ -89,18 +89,21 @@ def build_context(root: Path) -> Context:
     target, draft = tiny_pair()
     target.save_pretrained(root / "hf-target")
     draft.save_pretrained(root / "hf-draft")
+    from ..runners.tensorrt import TRTModel
+
     build.main(["--target", str(root / "hf-target"), "--draft", str(root / "hf-draft"), "--output-dir",
                 str(root / "engines"), "--dtype", "float16", "--max-prompts", str(PROMPTS_PER_CALL), "--particles",
                 str(N), "--gamma", str(K), "--max-input-len", "32", "--max-output-len", "32",
                 "--tokens-per-block", "16"])
-    return Context(root, root / "engines" / "hf-target", root / "engines" / "hf-draft",
+    engines = root / "engines"
+    return Context(TRTModel.from_engine(engines / "hf-target"), TRTModel.from_engine(engines / "hf-draft"),
                    target.half().cuda().eval(), draft.half().cuda().eval())
 
 
 # ------------------------------------------------------------------ the checks
 
 
-def _left_pad(prompts):
+def _left_pad(prompts, device):
     import torch
 
     width = max(len(p) for p in prompts)
@@ -109,7 +112,7 @@ def _left_pad(prompts):
     for i, prompt in enumerate(prompts):
         ids[i, width - len(prompt):] = torch.tensor(prompt)
         mask[i, width - len(prompt):] = 1
-    return ids.cuda(), mask.cuda()
+    return ids.to(device), mask.to(device)
 
 
 def _compare(what: str, got, expected) -> str:
@@ -120,17 +123,11 @@ def _compare(what: str, got, expected) -> str:
     return f"{what} max |diff| {diff:.2e}"
 
 
-def _recompute(model, history, width):
+def _recompute(model, history, width, device):
     import torch
 
     with torch.no_grad():
-        return model(torch.tensor([history], device="cuda")).logits[0, -width:].float()
-
-
-def _runner(engine_dir):
-    from ..runners.tensorrt import TRTModel
-
-    return TRTModel.from_engine(engine_dir).smc_runner()
+        return model(torch.tensor([history], device=device)).logits[0, -width:].float()
 
 
 def check_prefill_and_steps(ctx: Context) -> str:
@@ -139,12 +136,12 @@ def check_prefill_and_steps(ctx: Context) -> str:
 
     from ..runners import EagerRunner
 
-    runner, eager = _runner(ctx.target_dir), EagerRunner(ctx.target)
-    ids, mask = _left_pad(PROMPTS)
+    runner, eager = ctx.target_engine.smc_runner(), EagerRunner(ctx.target)
+    ids, mask = _left_pad(PROMPTS, ctx.device)
     details = [_compare("prefill", runner.prefill(ids, mask, N), eager.prefill(ids, mask, N))]
     gen = torch.Generator().manual_seed(0)
     for width in (K + 1, 1, 2):
-        step = torch.randint(0, VOCAB, (PROMPTS_PER_CALL * N, width), generator=gen).cuda()
+        step = torch.randint(0, VOCAB, (PROMPTS_PER_CALL * N, width), generator=gen).to(ctx.device)
         details.append(_compare(f"{width}-token step", runner.extend(step), eager.extend(step)))
     runner.tables.check()
     return "; ".join(details)
@@ -156,12 +153,12 @@ def check_draft_steps(ctx: Context) -> str:
 
     from ..runners import EagerRunner
 
-    runner, eager = _runner(ctx.draft_dir), EagerRunner(ctx.draft)
-    ids, mask = _left_pad(PROMPTS)
+    runner, eager = ctx.draft_engine.smc_runner(), EagerRunner(ctx.draft)
+    ids, mask = _left_pad(PROMPTS, ctx.device)
     details = [_compare("prefill", runner.prefill(ids, mask, N), eager.prefill(ids, mask, N))]
     gen = torch.Generator().manual_seed(1)
     for width in (1, 1, 2):
-        step = torch.randint(0, VOCAB, (PROMPTS_PER_CALL * N, width), generator=gen).cuda()
+        step = torch.randint(0, VOCAB, (PROMPTS_PER_CALL * N, width), generator=gen).to(ctx.device)
         details.append(_compare(f"{width}-token step", runner.extend(step), eager.extend(step)))
     return "; ".join(details)
 
@@ -173,8 +170,8 @@ def check_reorder_rollback(ctx: Context) -> str:
 
     from ..resampling import copy_plan, resample
 
-    runner = _runner(ctx.target_dir)
-    ids, mask = _left_pad(PROMPTS)
+    runner = ctx.target_engine.smc_runner()
+    ids, mask = _left_pad(PROMPTS, ctx.device)
     runner.prefill(ids, mask, N)
     rows = PROMPTS_PER_CALL * N
     history = [list(PROMPTS[row // N]) for row in range(rows)]
@@ -183,7 +180,7 @@ def check_reorder_rollback(ctx: Context) -> str:
     torch.manual_seed(2)
     for round_ in range(4):
         step = torch.randint(0, VOCAB, (rows, K + 1), generator=gen)
-        runner.extend(step.cuda())
+        runner.extend(step.to(ctx.device))
         for row in range(rows):
             history[row] += step[row].tolist()
         weights = torch.rand(PROMPTS_PER_CALL, N, generator=gen) ** 3
@@ -198,10 +195,10 @@ def check_reorder_rollback(ctx: Context) -> str:
             history[row] = history[row][: len(history[row]) - count]
         runner.tables.check()
     last = torch.randint(0, VOCAB, (rows, 2), generator=gen)
-    logits = runner.extend(last.cuda())
+    logits = runner.extend(last.to(ctx.device))
     worst = 0.0
     for row in range(rows):
-        expected = _recompute(ctx.target, history[row] + last[row].tolist(), 2)
+        expected = _recompute(ctx.target, history[row] + last[row].tolist(), 2, ctx.device)
         _compare(f"row {row}", logits[row], expected)
         worst = max(worst, float((logits[row] - expected).abs().max()))
     lengths = sorted({len(h) for h in history})
@@ -211,15 +208,14 @@ def check_reorder_rollback(ctx: Context) -> str:
 def _generate(ctx: Context, **knobs):
     import torch
 
-    from ..runners.tensorrt import TRTModel
-
-    target, draft = TRTModel.from_engine(ctx.target_dir), TRTModel.from_engine(ctx.draft_dir)
-    ids, mask = _left_pad(PROMPTS)
+    ids, mask = _left_pad(PROMPTS, ctx.device)
     torch.manual_seed(0)
     start = time.perf_counter()
-    out = target.generate(ids, attention_mask=mask, assistant_model=draft, smc_particles=N, smc_gamma=K,
-                          do_sample=True, max_new_tokens=24, top_k=0, return_dict_in_generate=True, **knobs)
-    torch.cuda.synchronize()
+    out = ctx.target_engine.generate(ids, attention_mask=mask, assistant_model=ctx.draft_engine, smc_particles=N,
+                                     smc_gamma=K, do_sample=True, max_new_tokens=24, top_k=0,
+                                     return_dict_in_generate=True, **knobs)
+    if torch.device(ctx.device).type == "cuda":
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
@@ -233,11 +229,21 @@ def check_smc_generate(ctx: Context) -> str:
 
 
 def check_exact_generate(ctx: Context) -> str:
-    out, seconds = _generate(ctx, smc_mode="exact")
-    sequences = out.sequences if hasattr(out, "sequences") else out
-    assert sequences.shape[0] == PROMPTS_PER_CALL
+    """Exact mode rolls back what its accept walk rejects: the target engine's runner must
+    see rollbacks (the draft is a truncated target, so some draft tokens are rejected)."""
+    runner = ctx.target_engine.smc_runner()
+    rollbacks = []
+    original = runner.rollback
+    runner.rollback = lambda drop: (rollbacks.append(int(drop.sum())), original(drop))[1]
+    try:
+        out, seconds = _generate(ctx, smc_mode="exact")
+    finally:
+        del runner.rollback
+    sequences = out.sequences
+    assert sequences.shape[0] == PROMPTS_PER_CALL, f"{sequences.shape[0]} sequences for {PROMPTS_PER_CALL} prompts"
     assert int(sequences.max()) < VOCAB and int(sequences.min()) >= 0, "token ids outside the vocabulary"
-    return f"{tuple(sequences.shape)} in {seconds:.2f} s"
+    assert sum(rollbacks) > 0, "no rollback reached the target engine: exact mode did not run"
+    return f"{tuple(sequences.shape)} in {seconds:.2f} s, {len(rollbacks)} rollbacks ({sum(rollbacks)} tokens)"
 
 
 CHECKS = (

@@ -650,10 +650,14 @@ class TRTModel:
         special tokens, `return_dict_in_generate`). The knobs are resolved and checked by
         `hf_smcsd.generate` exactly as for a transformers target; this object then does the
         preparation transformers' generate() would do and enters the same `custom_generate`."""
-        from ..generate import _dispatch
+        from ..generate import SMC_KNOBS, _dispatch
 
         if "custom_generate" in kwargs:  # the prepared call (from _dispatch, patch() or smc_generate())
             return self._prepared_generate(*args, **kwargs)
+        unknown = sorted(name for name in kwargs if name.startswith("smc_") and name not in SMC_KNOBS)
+        if unknown:  # a transformers target rejects unused model kwargs; do not ignore them silently either
+            raise ValueError(f"generate() got SMC-SD knobs this hf_smcsd does not know: {unknown}; "
+                             f"the knobs are {sorted(SMC_KNOBS)}.")
         particles = kwargs.get("smc_particles")
         config = kwargs.get("generation_config") or self.generation_config
         if particles is None and getattr(config, "smc_particles", None) is None:
