@@ -258,6 +258,21 @@ CHECKS = (
 # ------------------------------------------------------------------ the command
 
 
+def environment() -> str:
+    import importlib.metadata
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    versions = []
+    for package in ("torch", "transformers", "tensorrt-llm", "tensorrt"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    return f"GPU: {gpu}; " + ", ".join(versions)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-smcsd gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="where the tiny checkpoints and engines go (default: a temporary directory)")
@@ -270,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for item in missing:
             print(f"  - {item}", flush=True)
         return COULD_NOT_RUN
-    import torch
-    import tensorrt_llm
-
-    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; TensorRT-LLM {tensorrt_llm.__version__}",
-          flush=True)
+    print(environment(), flush=True)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hf-smcsd-gpu-check-"))
     root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -293,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 detail = check(ctx)
                 results.append((name, True, f"{detail} ({time.perf_counter() - began:.1f} s)"))
             except Exception as error:
-                tail = traceback.format_exc().strip().splitlines()[-3:]
-                results.append((name, False, f"{type(error).__name__}: {error}\n      " + "\n      ".join(tail)))
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                results.append((name, False, f"{type(error).__name__}: {error} (at {where.filename}:{where.lineno})"))
     print("\n== report", flush=True)
     for name, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
