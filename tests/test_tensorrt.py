@@ -199,6 +199,7 @@ def test_smc_generate_and_patch_accept_a_trt_model_target(pair, entry):
     (dict(do_sample=False), "do_sample=True"),
     (dict(repetition_penalty=1.3), "repetition_penalty=1.3 is not supported with a TRTModel target"),
     (dict(not_an_argument=1), "does not use: \\['not_an_argument'\\]"),
+    (dict(smc_not_a_knob=1), "knobs this hf_smcsd does not know: \\['smc_not_a_knob'\\]"),
 ])
 @pytest.mark.filterwarnings("ignore:smc_particles with do_sample=False")
 def test_trt_model_generate_errors(pair, kwargs, message):
