@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("hf_smcsd.bench.bench", "speed of the target alone, assisted generation and SMC-SD, side by side"),
     "fidelity": ("hf_smcsd.bench.fidelity", "exact and task fidelity of SMC-SD against the target"),
     "build-engines": ("hf_smcsd.engines.build", "build TensorRT-LLM engines for a target and a draft"),
+    "gpu-check": ("hf_smcsd.engines.gpu_check", "first GPU contact: tiny TensorRT-LLM engines checked against eager"),
 }
 
 

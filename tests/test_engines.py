@@ -2,6 +2,8 @@
 and the checks that say what to rebuild."""
 
 import json
+import os
+import subprocess
 import runpy
 import shlex
 import sys
@@ -89,7 +91,7 @@ def test_plain_draft_engine_has_no_speculative_flags(capsys):
 
 def test_source_config_is_read_and_checked(tmp_path, capsys):
     llama = tmp_path / "tiny-llama"
-    tiny_llama(vocab_size=40, hidden_size=32, num_layers=2).save_pretrained(llama)
+    tiny_llama(vocab_size=40, hidden_size=64, num_layers=2).save_pretrained(llama)  # 4 heads of 16
     out = dry_run(capsys, ["--target", str(llama), "--draft", str(llama), "--draft-name", "tiny-draft",
                            "--output-dir", str(tmp_path / "engines")])
     assert '"architecture": "LlamaForCausalLM"' in out and '"vocab_size": 40' in out
@@ -98,6 +100,65 @@ def test_source_config_is_read_and_checked(tmp_path, capsys):
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(SystemExit, match="GPT2LMHeadModel.*Llama-architecture"):
         build.main(["--target", str(gpt2), "--draft", str(llama), "--dry-run"])
+
+
+def llama_dir(tmp_path, name, **sizes):
+    path = tmp_path / name
+    tiny_llama(vocab_size=40, num_layers=1, **sizes).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("sizes, extra, message", [
+    ({}, ["--dtype", "float32"], "dtype float32: .*XQA kernels, which take float16 or bfloat16 only: rebuild with --dtype bfloat16"),
+    (dict(hidden_size=96, num_heads=6, num_kv_heads=1), [], "groups of 6 query heads .* divides 64"),
+    (dict(hidden_size=32, num_heads=4, num_kv_heads=2), [], "head size 8: .*multiple of 16"),
+    ({}, ["--tokens-per-block", "8"], "tokens per block 8: .*--tokens-per-block 32"),
+    ({}, ["--gamma", "32"], "33 tokens per step .* --gamma 31"),
+])
+def test_build_plans_that_xqa_cannot_verify_are_refused(tmp_path, sizes, extra, message):
+    """Multi-token generation steps run on XQA kernels only (TensorRT-LLM 1.2): refuse plans
+    they cannot run, with what to rebuild, before anything is built."""
+    source = llama_dir(tmp_path, "m", **{"hidden_size": 64, **sizes})
+    with pytest.raises(SystemExit, match="(?s)The target engine .* would fail at its first .*-token step.*" + message):
+        build.main(["--target", source, "--draft", source, "--draft-name", "d", "--dry-run", *extra])
+
+
+def test_a_one_token_draft_needs_no_xqa(tmp_path, capsys):
+    target = llama_dir(tmp_path, "t", hidden_size=64)
+    draft = llama_dir(tmp_path, "d", hidden_size=96, num_heads=6, num_kv_heads=1)  # groups of 6: no XQA verify
+    with pytest.raises(SystemExit, match="draft engine"):
+        build.main(["--target", target, "--draft", draft, "--dry-run"])
+    out = dry_run(capsys, ["--target", target, "--draft", draft, "--draft-step-tokens", "1"])
+    assert out.count("trtllm-build") >= 2
+
+
+def test_convert_creates_the_checkpoint_directory(tmp_path, monkeypatch):
+    """TensorRT-LLM's save_checkpoint writes into its directory without creating it; the
+    stand-in modules below do the same, so the conversion must make it first."""
+    import types
+
+    from hf_smcsd.engines import convert
+
+    saved = []
+
+    class FakeModel:
+        @classmethod
+        def from_hugging_face(cls, model_dir, dtype, mapping, quant_config):
+            return cls()
+
+        def save_checkpoint(self, output_dir, save_config):
+            assert Path(output_dir).is_dir(), f"{output_dir} does not exist (save_checkpoint does not create it)"
+            saved.append(save_config)
+
+    modules = {"tensorrt_llm": types.ModuleType("tensorrt_llm"),
+               "tensorrt_llm.mapping": types.SimpleNamespace(Mapping=lambda **kw: kw),
+               "tensorrt_llm.models": types.SimpleNamespace(LLaMAForCausalLM=FakeModel),
+               "tensorrt_llm.models.modeling_utils": types.SimpleNamespace(QuantConfig=lambda: None)}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    out = tmp_path / "ckpt" / "nested-tp2"
+    assert convert.main(["--model_dir", "m", "--output_dir", str(out), "--tp_size", "2"]) == 0
+    assert saved == [True, False]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -216,3 +277,21 @@ def test_pair_checks():
     problems = check_pair(manifest(vocab=40), manifest(role="draft", vocab=41, tokens_per_step=2))
     assert any("vocabulary" in p for p in problems)
     assert any("role='target'" in p for p in check_pair(manifest(), manifest()))
+
+
+def test_gpu_check_says_what_it_could_not_do_and_fails_here(capsys):
+    """No GPU and no TensorRT-LLM on this machine: the one-command GPU check must say so,
+    check nothing and exit non-zero (2), never report success."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("this machine has a GPU and TensorRT-LLM: the check would run for real")
+    assert cli.main(["gpu-check"]) == 2
+    out = capsys.readouterr().out
+    assert "COULD NOT RUN - nothing was checked" in out and "PASS" not in out
+    assert ("no NVIDIA GPU" in out) or ("no TensorRT-LLM" in out)
+    script = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert script.returncode == 2 and "COULD NOT RUN" in script.stdout

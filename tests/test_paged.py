@@ -75,6 +75,38 @@ def test_reorder_and_keep_release_blocks():
     assert alloc.num_free == alloc.num_blocks and int(alloc.ref_counts.sum()) == 0
 
 
+def test_rollback_releases_blocks_and_copies_a_shared_partial_block():
+    alloc = BlockAllocator(64)
+    tables = BlockTables(alloc, tokens_per_block=4)
+    tables.add_rows(torch.tensor([8]))  # two full blocks
+    tables.fork(3)  # three rows share both
+    tables.reserve(5)
+    tables.advance(5)  # 13 tokens: blocks 0, 1 shared; 2, 3 private per row
+    tables.check()
+    shared = tables.table[0, :2].tolist()
+    used = alloc.num_used
+    copies = tables.rollback(torch.tensor([0, 5, 7]))  # row 1 back to 8 (full), row 2 back to 6 (inside shared block 1)
+    tables.check()
+    assert tables.lengths.tolist() == [13, 8, 6]
+    assert alloc.num_used == used - 2 - 2 + 1  # rows 1 and 2 each give back 2 blocks, row 2 copies block 1
+    assert copies.src.tolist() == [shared[1]] and tables.table[2, 1] != shared[1]
+    assert tables.table[1, :2].tolist() == shared and int(tables.table[1, 2]) == -1
+    assert alloc.ref_counts[shared].tolist() == [3, 2]
+    with pytest.raises(ValueError, match="0..length"):
+        tables.rollback(torch.tensor([0, 9, 0]))
+
+
+def test_rollback_onto_a_block_only_the_rolled_back_rows_share_keeps_it_once():
+    alloc = BlockAllocator(64)
+    tables = BlockTables(alloc, tokens_per_block=4)
+    tables.add_rows(torch.tensor([8]))
+    tables.fork(2)
+    copies = tables.rollback(torch.tensor([2, 2]))  # both rows end inside block 1, which only they use
+    tables.check()
+    assert len(copies) == 1  # the first row keeps block 1, the second copies it
+    assert tables.table[0, 1] != tables.table[1, 1] and tables.table[0, 0] == tables.table[1, 0]
+
+
 def test_tables_refuse_rows_longer_than_the_engine():
     tables = BlockTables(BlockAllocator(16), tokens_per_block=4, max_blocks_per_row=2)
     tables.add_rows(torch.tensor([7]))
@@ -83,7 +115,7 @@ def test_tables_refuse_rows_longer_than_the_engine():
 
 
 def test_thousands_of_random_resamples_keep_contents_and_counts_exact():
-    """A shadow pool of token ids, written through `slots` and copied with the returned
+    """Resamples, writes, rollbacks and drops in random order. A shadow pool of token ids, written through `slots` and copied with the returned
     `BlockCopies`, must read back each row's own history after every operation; the ref counts
     must match the tables; at the end every block is free again."""
     gen = torch.Generator().manual_seed(0)
@@ -141,8 +173,13 @@ def test_thousands_of_random_resamples_keep_contents_and_counts_exact():
             sync(tables.reorder(plan.dest, plan.src))
             for d, s in zip(plan.dest.tolist(), plan.src.tolist()):
                 history[d] = list(history[s])
-        elif choice < 9:
+        elif choice < 8:
             write(int(torch.randint(1, 6, (1,), generator=gen)))
+        elif choice < 9:  # rows forget a random tail of what they were given (exact mode's rollback)
+            drop = (torch.rand(tables.num_rows, generator=gen) * (tables.lengths + 1)).long()
+            sync(tables.rollback(drop))
+            for row, d in enumerate(drop.tolist()):
+                history[row] = history[row][: len(history[row]) - d]
         elif tables.num_rows > n:  # a group ends and leaves the batch
             gone = int(torch.randint(0, tables.num_rows // n, (1,), generator=gen))
             keep = torch.tensor([r for r in range(tables.num_rows) if r // n != gone])
@@ -203,6 +240,87 @@ def test_random_resamples_then_extend_equal_recompute(pair):
         for row in range(2 * n):
             expected = fresh_logits(model, history[row] + last[row].tolist())[-2:]
             torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def random_runner_walk(runner, model, steps, seed, prompts=PROMPTS, n=3, widths=(1, 2, 4), check_every=1):
+    """Random prefill / extend / reorder / keep / rollback on `runner`, each extend's logits
+    against a full recompute of every row's own history; the block tables' invariants after
+    every step. Rows differ in length after a rollback: extends must place each row's
+    tokens right after its own last kept token."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    def start():
+        groups = int(torch.randint(1, len(prompts) + 1, (1,), generator=gen))
+        chosen = prompts[:groups]
+        ids, mask = left_pad(chosen)
+        logits = runner.prefill(ids, mask, n)
+        for row, prompt in enumerate(chosen):
+            torch.testing.assert_close(logits[row], fresh_logits(model, prompt)[-1], atol=1e-4, rtol=1e-4)
+        return [list(chosen[row // n]) for row in range(groups * n)], [len(chosen[row // n]) for row in range(groups * n)]
+
+    history, prompt_lengths = start()
+    counts = dict(extend=0, reorder=0, keep=0, rollback=0, prefill=1)
+    for step in range(steps):
+        rows = len(history)
+        choice = int(torch.randint(0, 10, (1,), generator=gen))
+        if choice < 4:
+            width = widths[int(torch.randint(0, len(widths), (1,), generator=gen))]
+            tokens = torch.randint(0, 40, (rows, width), generator=gen)
+            logits = runner.extend(tokens)
+            for row in range(rows):
+                history[row] += tokens[row].tolist()
+                if step % check_every == 0:
+                    expected = fresh_logits(model, history[row])[-width:]
+                    torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+            counts["extend"] += 1
+        elif choice < 6:
+            received = torch.tensor([len(h) - p for h, p in zip(history, prompt_lengths)])
+            drop = (torch.rand(rows, generator=gen) * (received + 1)).long()
+            runner.rollback(drop)
+            for row, d in enumerate(drop.tolist()):
+                history[row] = history[row][: len(history[row]) - d]
+            counts["rollback"] += 1
+        elif choice < 8:
+            random_resample(runner, history, rows // n, n, gen, seed=step)
+            counts["reorder"] += 1
+        elif choice < 9 and rows > n:
+            gone = int(torch.randint(0, rows // n, (1,), generator=gen))
+            keep = torch.tensor([r for r in range(rows) if r // n != gone])
+            runner.keep(keep)
+            history = [history[r] for r in keep.tolist()]
+            prompt_lengths = [prompt_lengths[r] for r in keep.tolist()]
+            counts["keep"] += 1
+        else:
+            history, prompt_lengths = start()
+            counts["prefill"] += 1
+        runner.tables.check()
+        assert runner.tables.lengths.tolist() == [len(h) for h in history]
+    return counts
+
+
+def test_random_prefill_extend_reorder_keep_rollback_equal_recompute(pair):
+    counts = random_runner_walk(PagedRunner(pair[0], tokens_per_block=4, num_blocks=4), pair[0], steps=60, seed=3)
+    assert min(counts.values()) >= 2  # every operation ran
+
+
+def test_rollback_then_extend_equal_recompute(pair):
+    """A rollback that lands inside a block the particles share (the prompt's last block):
+    each row must get its own copy before writing, and the others must not see the writes."""
+    model = pair[0]
+    runner = PagedRunner(model, tokens_per_block=4)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10]])  # 6 tokens: block 0 full (shared), block 1 partial
+    runner.prefill(ids, mask, 3)
+    runner.extend(torch.tensor([[11, 12, 13]] * 3))  # 9 tokens: block 1 now full and copied per row
+    runner.reorder(copy_plan(torch.tensor([[0, 0, 0]])))  # rows 1, 2 share row 0's full blocks
+    runner.rollback(torch.tensor([3, 2, 0]))  # rows 0, 1 end inside the shared block 1
+    runner.tables.check()
+    logits = runner.extend(torch.tensor([[20, 21], [22, 23], [24, 25]]))
+    histories = [[5, 6, 7, 8, 9, 10, 20, 21], [5, 6, 7, 8, 9, 10, 11, 22, 23], [5, 6, 7, 8, 9, 10, 11, 12, 13, 24, 25]]
+    for row, history in enumerate(histories):
+        torch.testing.assert_close(logits[row], fresh_logits(model, history)[-2:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="rows \\[0\\] ask to drop \\[3\\] tokens but received \\[2\\]"):
+        runner.rollback(torch.tensor([3, 0, 0]))
 
 
 def test_keep_drops_rows_and_their_blocks(pair):

@@ -55,20 +55,27 @@ def test_context_step_packs_prompts_without_padding():
     assert inputs["last_token_ids"].tolist() == [3, 7, 8]  # 1-based index of each prompt's last token
     assert inputs["context_lengths"].tolist() == inputs["sequence_length"].tolist() == [3, 4, 1]
     assert inputs["host_request_types"].tolist() == [0, 0, 0]
-    assert inputs["host_past_key_value_lengths"].tolist() == [0, 0, 0]
+    # The KV length after the step (GenerationSession and the C++ runtime pass it; the plugin
+    # takes its maximum as the context attention's KV length), not 0.
+    assert inputs["host_past_key_value_lengths"].tolist() == [3, 4, 1]
     assert inputs["cache_indirection"].shape == (3, 1, 16)
     assert inputs["host_max_attention_window_sizes"].tolist() == [16, 16]
-    assert inputs["spec_decoding_use"].tolist() == [0]
+    assert inputs["spec_decoding_use"].tolist() == [1]  # never switched off: the plugin re-configures on a change
+    wide = pack_context_step(ids, mask, table, num_layers=2, max_seq_len=16, tokens_per_step=4)
+    assert wide["spec_decoding_generation_lengths"].tolist() == [4, 4, 4]
+    assert wide["spec_decoding_packed_mask"].shape == (12, 1) and wide["spec_decoding_use"].tolist() == [1]
     assert all(t.dtype == torch.int32 for name, t in inputs.items() if name not in ("host_runtime_perf_knobs", "host_context_progress"))
 
 
 def test_generation_step_packs_k_tokens_per_row():
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
     table = torch.tensor([[0, 1], [0, 2]])
-    inputs = pack_generation_step(tokens, torch.tensor([6, 6]), torch.tensor([4, 4]), table, num_layers=2, max_seq_len=32)
+    inputs = pack_generation_step(tokens, torch.tensor([6, 5]), torch.tensor([4, 4]), table, num_layers=2, max_seq_len=32)
     assert inputs["input_ids"].tolist() == [1, 2, 3, 4, 5, 6]
     assert inputs["last_token_ids"].tolist() == [1, 2, 3, 4, 5, 6]  # logits for every new position
-    assert inputs["sequence_length"].tolist() == [9, 9] and inputs["host_past_key_value_lengths"].tolist() == [6, 6]
+    # rows of different lengths (after a rollback): each continues from its own length
+    assert inputs["sequence_length"].tolist() == [9, 8] and inputs["host_past_key_value_lengths"].tolist() == [6, 5]
+    assert inputs["position_ids"].tolist() == [6, 7, 8, 5, 6, 7]  # one per token, as the C++ lookahead runtime
     assert inputs["host_request_types"].tolist() == [1, 1] and inputs["context_lengths"].tolist() == [4, 4]
     assert inputs["spec_decoding_generation_lengths"].tolist() == [3, 3]
     assert inputs["spec_decoding_position_offsets"].tolist() == [[0, 1, 2], [0, 1, 2]]
@@ -78,7 +85,7 @@ def test_generation_step_packs_k_tokens_per_row():
     assert inputs["host_runtime_perf_knobs"].tolist()[:2] == [1, -1]
     single = pack_generation_step(tokens[:, :1], torch.tensor([6, 6]), torch.tensor([4, 4]), table, num_layers=2,
                                   max_seq_len=32)
-    assert single["spec_decoding_use"].tolist() == [0] and single["last_token_ids"].tolist() == [1, 2]
+    assert single["spec_decoding_use"].tolist() == [1] and single["last_token_ids"].tolist() == [1, 2]
 
 
 def test_prefill_groups_fit_the_engine():
@@ -98,6 +105,28 @@ def test_alone_there_is_no_seed_to_share(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     assert world() == (1, 2)
+
+
+def test_engine_rank_matches_the_mpi_world():
+    from hf_smcsd.runners.tensorrt import engine_rank
+
+    assert engine_rank(1, (3, 4)) == 0  # a tp=1 engine is replicated on every rank
+    assert engine_rank(2, (1, 2)) == 1
+    for world_ in ((0, 1), (2, 4)):
+        with pytest.raises(EngineMismatchError, match="tensor parallelism 2 but this process group has .*`mpirun -n 2"):
+            engine_rank(2, world_)
+
+
+def test_loaded_engine_mapping_must_be_this_ranks_shard():
+    from types import SimpleNamespace
+
+    from hf_smcsd.runners.tensorrt import check_engine_mapping
+
+    check_engine_mapping(SimpleNamespace(tp_size=2, pp_size=1, rank=1), tp_size=2, rank=1)
+    with pytest.raises(EngineMismatchError, match="rank 1 loaded the shard of rank 0"):
+        check_engine_mapping(SimpleNamespace(tp_size=2, pp_size=1, rank=0), tp_size=2, rank=1)
+    with pytest.raises(EngineMismatchError, match="tp_size=4.*manifest says tp_size=2"):
+        check_engine_mapping(SimpleNamespace(tp_size=4, pp_size=1, rank=1), tp_size=2, rank=1)
 
 
 def test_lockstep_guard_detects_diverged_ranks():
@@ -169,6 +198,7 @@ def test_smc_generate_and_patch_accept_a_trt_model_target(pair, entry):
     (dict(assistant_model=None), "assistant_model"),
     (dict(repetition_penalty=1.3), "repetition_penalty=1.3 is not supported with a TRTModel target"),
     (dict(not_an_argument=1), "does not use: \\['not_an_argument'\\]"),
+    (dict(smc_not_a_knob=1), "knobs this hf_smcsd does not know: \\['smc_not_a_knob'\\]"),
 ])
 def test_trt_model_generate_errors(pair, kwargs, message):
     target, draft = pair
@@ -188,8 +218,8 @@ def test_trt_model_is_not_a_forward_model(pair):
 
 def manifest(**overrides):
     limits = EngineLimits(max_prompts=1, particles=4, max_batch_size=4, gamma=3, tokens_per_step=4, max_input_len=16,
-                          max_output_len=16, max_seq_len=32, max_num_tokens=16, tokens_per_block=4)
-    values = dict(role="target", source_model="/m", dtype="float32", tp_size=1, limits=limits, build_flags={}, steps=[],
+                          max_output_len=16, max_seq_len=32, max_num_tokens=16, tokens_per_block=16)
+    values = dict(role="target", source_model="/m", dtype="bfloat16", tp_size=1, limits=limits, build_flags={}, steps=[],
                   model={"vocab_size": 40}, trtllm_version="1.2.1", status="built")
     values.update(overrides)
     return make_manifest(**values)
@@ -203,6 +233,9 @@ def test_from_engine_checks_the_manifest_before_loading(tmp_path):
         TRTModel.from_engine(tmp_path, particles=8)
     write_manifest(tmp_path, manifest(tp_size=2))
     with pytest.raises(EngineMismatchError, match="mpirun -n 2"):
+        TRTModel.from_engine(tmp_path)
+    write_manifest(tmp_path, manifest(dtype="float32"))  # written by an earlier build-engines, which allowed it
+    with pytest.raises(EngineMismatchError, match="dtype float32: .*XQA.*--dtype bfloat16"):
         TRTModel.from_engine(tmp_path)
 
 

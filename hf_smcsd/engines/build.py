@@ -52,7 +52,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import TRTLLM_PIN, EngineLimits, make_manifest, write_manifest
+from .manifest import TRTLLM_PIN, EngineLimits, make_manifest, write_manifest, xqa_problems
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -111,7 +111,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="trt_engines", help="engines go to <output-dir>/<name>")
     parser.add_argument("--target-name", help="engine directory name (default: the checkpoint's directory name)")
     parser.add_argument("--draft-name", help="engine directory name (default: the checkpoint's directory name)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                        help="float32 is refused: verify steps run on XQA kernels (fp16/bf16); logits stay float32")
     parser.add_argument("--tp-size", type=int, default=1, help="tensor parallelism of the target (GPUs)")
     parser.add_argument(
         "--draft-tp-size", type=int, default=1,
@@ -164,6 +165,7 @@ def read_source_config(path: Path) -> dict | None:
         "num_attention_heads": config.get("num_attention_heads"),
         "num_key_value_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
         "hidden_size": config.get("hidden_size"),
+        "head_dim": config.get("head_dim"),
     }
 
 
@@ -202,6 +204,14 @@ def plan_builds(args: argparse.Namespace) -> list[EnginePlan]:
             )
         elif model["num_key_value_heads"] and model["num_key_value_heads"] % tp and tp % model["num_key_value_heads"]:
             raise SystemExit(f"{source} has {model['num_key_value_heads']} KV heads, which tp={tp} cannot split.")
+        heads, hidden = (model or {}).get("num_attention_heads"), (model or {}).get("hidden_size")
+        problems = xqa_problems(
+            dtype=args.dtype, num_heads=heads, num_kv_heads=(model or {}).get("num_key_value_heads"),
+            head_size=(model or {}).get("head_dim") or (hidden // heads if hidden and heads else None),
+            tokens_per_block=args.tokens_per_block, tokens_per_step=step_tokens, tp_size=tp)
+        if problems:
+            raise SystemExit(f"The {role} engine ({source}) would fail at its first {step_tokens}-token step:\n  - "
+                             + "\n  - ".join(problems))
         convert = [args.python, "-m", "hf_smcsd.engines.convert", "--model_dir", str(source),
                    "--output_dir", str(checkpoint_dir), "--dtype", args.dtype, "--tp_size", str(tp)]
         build = [

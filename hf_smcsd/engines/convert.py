@@ -11,7 +11,8 @@ at commit 368f8f2a, a 1.2-line version that already emits the engine-flow deprec
 - `tensorrt_llm.mapping.Mapping(world_size=, rank=, tp_size=, pp_size=)`
 - `tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face(model_dir, dtype, mapping=, quant_config=)`
 - `tensorrt_llm.models.modeling_utils.QuantConfig()` (no quantization)
-- `<model>.save_checkpoint(output_dir, save_config=(rank == 0))` (`models/modeling_utils.py`)
+- `<model>.save_checkpoint(output_dir, save_config=(rank == 0))` (`models/modeling_utils.py`); it
+  does not create `output_dir`, so `main` does
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             f"tensorrt_llm does not import here ({error}); convert on the GPU machine with TensorRT-LLM 1.2."
         ) from error
 
-    for rank in range(args.tp_size):  # pragma: no cover - needs the GPU environment
+    # save_checkpoint writes config.json and rank<r>.safetensors into the directory but does
+    # not create it (models/modeling_utils.py, PretrainedModel.save_checkpoint, 1.2).
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    for rank in range(args.tp_size):
         start = time.time()
         mapping = Mapping(world_size=args.tp_size, rank=rank, tp_size=args.tp_size, pp_size=1)
         model = LLaMAForCausalLM.from_hugging_face(args.model_dir, args.dtype, mapping=mapping,

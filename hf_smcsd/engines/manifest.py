@@ -60,6 +60,64 @@ class EngineLimits:
         return self.tokens_per_step - 1
 
 
+# What TensorRT-LLM 1.2's attention plugin needs to run a generation step of more than one
+# token per row (a verify step): such steps run on XQA kernels only ("No available XQA kernels
+# are found for speculative decoding mode" otherwise). Read in cpp/tensorrt_llm/kernels/
+# decoderMaskedMultiheadAttention: decoderXQARunner.cpp (spec-dec steps with an fp16/bf16 KV
+# cache take the JIT kernels only when 64 % (q heads / kv heads) == 0) and
+# decoderXQAImplJIT/kernelUtils.cpp (`supportConfigHMMA`: fp16/bf16, head size a multiple of
+# 16 in 16..256, q heads / kv heads <= 32, tokens per block in {16, 32, 64, 128}).
+XQA_DTYPES = ("float16", "bfloat16")
+XQA_TOKENS_PER_BLOCK = (16, 32, 64, 128)
+MAX_TOKENS_PER_STEP = 32  # one int32 word of spec_decoding_packed_mask per token; more is unverified
+
+
+def xqa_problems(*, dtype: str, num_heads: int | None, num_kv_heads: int | None, head_size: int | None,
+                 tokens_per_block: int, tokens_per_step: int, tp_size: int = 1) -> list[str]:
+    """Why an engine with these settings cannot run steps of `tokens_per_step` tokens per row
+    (empty: it can). Engines with one token per step need none of this. Sizes left None
+    (config not readable) are not checked."""
+    if tokens_per_step <= 1:
+        return []
+    problems = []
+    if dtype not in XQA_DTYPES:
+        problems.append(
+            f"dtype {dtype}: steps of {tokens_per_step} tokens per row run on TensorRT-LLM's XQA kernels, which "
+            "take float16 or bfloat16 only: rebuild with --dtype bfloat16 (or float16); the logits stay float32.")
+    if num_heads and num_kv_heads:
+        heads = num_heads // tp_size
+        kv_heads = max(1, num_kv_heads // tp_size)  # fewer KV heads than ranks: each rank keeps a copy of one
+        group = heads // kv_heads
+        if heads % kv_heads or 64 % group or group > 32:
+            problems.append(
+                f"{num_heads} query heads over {num_kv_heads} KV heads (tp {tp_size}) gives groups of {group} query "
+                "heads per KV head; XQA verify steps need a group size that divides 64 (1, 2, 4, 8, 16 or 32). "
+                "Use another model, or --draft-step-tokens 1 for a draft (one token per step needs no XQA).")
+    if head_size is not None and (head_size % 16 or not 16 <= head_size <= 256):
+        problems.append(f"head size {head_size}: XQA verify steps need a multiple of 16 between 16 and 256.")
+    if tokens_per_block not in XQA_TOKENS_PER_BLOCK:
+        problems.append(
+            f"tokens per block {tokens_per_block}: XQA verify steps need one of {XQA_TOKENS_PER_BLOCK}: rebuild "
+            "with --tokens-per-block 32 (or 16, 64, 128).")
+    if tokens_per_step > MAX_TOKENS_PER_STEP:
+        problems.append(
+            f"{tokens_per_step} tokens per step (K+1): at most {MAX_TOKENS_PER_STEP} are supported (one word of the "
+            f"packed attention mask per token; longer steps are unverified): rebuild with --gamma "
+            f"{MAX_TOKENS_PER_STEP - 1} or less.")
+    return problems
+
+
+def manifest_xqa_problems(manifest: dict) -> list[str]:
+    model = manifest.get("model") or {}
+    heads = model.get("num_attention_heads")
+    hidden = model.get("hidden_size")
+    head_size = model.get("head_dim") or (hidden // heads if hidden and heads else None)
+    limits = limits_of(manifest)
+    return xqa_problems(dtype=manifest["dtype"], num_heads=heads, num_kv_heads=model.get("num_key_value_heads"),
+                        head_size=head_size, tokens_per_block=limits.tokens_per_block,
+                        tokens_per_step=limits.tokens_per_step, tp_size=int(manifest["tp_size"]))
+
+
 def make_manifest(
     *,
     role: str,
@@ -128,10 +186,13 @@ def rebuild_hint(manifest: dict, **needed) -> str:
         "--gamma": max(limits.gamma, needed.get("gamma") or 0),
         "--max-input-len": max(limits.max_input_len, needed.get("max_prompt_len") or 0),
         "--max-output-len": max(limits.max_output_len, needed.get("max_new_tokens") or 0),
-        "--tokens-per-block": limits.tokens_per_block,
+        "--tokens-per-block": limits.tokens_per_block if limits.tokens_per_block in XQA_TOKENS_PER_BLOCK else 32,
     }
+    if values["--gamma"] + 1 > MAX_TOKENS_PER_STEP:
+        values["--gamma"] = MAX_TOKENS_PER_STEP - 1
+    dtype = manifest["dtype"] if manifest["dtype"] in XQA_DTYPES else "bfloat16"
     parts = ["hf-smcsd build-engines", "--target <target checkpoint>", "--draft <draft checkpoint>",
-             f"--dtype {manifest['dtype']}", f"--tp-size {manifest['tp_size']}"]
+             f"--dtype {dtype}", f"--tp-size {manifest['tp_size']}"]
     parts += [f"{flag} {value}" for flag, value in values.items()]
     return " ".join(parts)
 
@@ -186,6 +247,7 @@ def check_manifest(
             f"{room} new tokens, not max_new_tokens={max_new_tokens}: ask for fewer, or rebuild with "
             f"--max-output-len {max_new_tokens} (and --max-input-len >= {max_prompt_len})."
         )
+    problems += [f"{name}: {problem}" for problem in manifest_xqa_problems(manifest)]
     tp = int(manifest["tp_size"])
     if world_size is not None and tp > 1 and world_size != tp:
         problems.append(

@@ -14,7 +14,7 @@ Three layers, each usable alone:
 - `BlockTables`: one row per particle, `table[row, i]` = the block holding tokens
   `[i * tokens_per_block, (i + 1) * tokens_per_block)` of that row (`-1`: none), plus the
   number of tokens each row holds. Its operations (`add_rows`, `fork`, `reorder`, `reserve`,
-  `advance`, `keep`) keep the ref counts exact and return the physical block copies the
+  `advance`, `rollback`, `keep`) keep the ref counts exact and return the physical block copies the
   caller must apply (`BlockCopies`). The same tables drive the CPU runner below and the
   TensorRT-LLM runner (`runners/tensorrt.py`), which passes them to the attention plugin as
   `kv_cache_block_offsets`.
@@ -293,6 +293,60 @@ class BlockTables:
     def advance(self, new_tokens: torch.Tensor | int) -> None:
         self.lengths = self.lengths + new_tokens
 
+    def rollback(self, drop: torch.Tensor | int) -> BlockCopies:
+        """Rows forget their last `drop[r]` tokens (per row, or one int).
+
+        Blocks past a row's new length go back to the allocator (one reference less each).
+        A row whose new last block is partial must own it before it writes there again: if
+        another row also points at that block, the row gets a fresh copy (copy-on-write, as
+        `reorder` does). When every reference to such a block comes from rows that are
+        rolled back onto it, the first of them keeps it and only the others copy.
+        Returns the copies to apply."""
+        if isinstance(drop, int):
+            drop = torch.full_like(self.lengths, drop)
+        drop = drop.to(torch.long).cpu()
+        if drop.shape != self.lengths.shape:
+            raise ValueError(f"rollback: drop has shape {tuple(drop.shape)}, the tables hold {self.num_rows} rows.")
+        if bool((drop < 0).any()) or bool((drop > self.lengths).any()):
+            raise ValueError(
+                f"rollback: drop={drop.tolist()} must lie in 0..length per row (lengths {self.lengths.tolist()}).")
+        if not bool(drop.any()):
+            return BlockCopies.empty()
+        new_lengths = self.lengths - drop
+        columns = torch.arange(self.table.shape[1])
+        have = self.num_blocks_of(self.lengths).unsqueeze(1)
+        keep = self.num_blocks_of(new_lengths).unsqueeze(1)
+        released = (columns >= keep) & (columns < have)
+        self.allocator.decref(self.table[released])
+        self.table[released] = _EMPTY
+        self.lengths = new_lengths
+        return self._own_partial_last_blocks(drop > 0)
+
+    def _own_partial_last_blocks(self, rows: torch.Tensor) -> BlockCopies:
+        """Copy-on-write for `rows` (a mask) whose partial last block other rows also use."""
+        partial = rows & ((self.lengths % self.tokens_per_block) != 0)
+        if not bool(partial.any()):
+            return BlockCopies.empty()
+        which = partial.nonzero().squeeze(1)
+        column = self.lengths[which] // self.tokens_per_block
+        last = self.table[which, column]
+        shared = self.allocator.ref_counts[last] > 1
+        # Rows that all land on one block which nobody else uses: the first one keeps it.
+        blocks, inverse, claims = last.unique(return_inverse=True, return_counts=True)
+        exclusive = self.allocator.ref_counts[blocks] == claims
+        order = torch.arange(last.numel())
+        first = torch.full((blocks.numel(),), last.numel(), dtype=torch.long).scatter_reduce(
+            0, inverse, order, reduce="amin")
+        keeper = exclusive[inverse] & (first[inverse] == order)
+        copy = shared & ~keeper
+        if not bool(copy.any()):
+            return BlockCopies.empty()
+        which, column, old = which[copy], column[copy], last[copy]
+        new = self._allocate(which.numel())  # before releasing `old`: a copy's source is never its destination
+        self.table[which, column] = new
+        self.allocator.decref(old)
+        return BlockCopies(src=old, dst=new)
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (in that order); the blocks of the others are released."""
         rows = rows.to(torch.long).cpu()
@@ -358,6 +412,7 @@ class PagedRunner:
         self.allocator = BlockAllocator(num_blocks)
         self.tables = BlockTables(self.allocator, tokens_per_block, grow=grow)
         self.pool = self._new_pool(num_blocks)
+        self.prompt_lengths = torch.zeros(0, dtype=torch.long)  # per row: rollback never cuts into the prompt
 
     def _new_pool(self, num_blocks: int) -> torch.Tensor:
         shape = (self.num_layers, 2, self.num_kv_heads, num_blocks, self.tokens_per_block, self.head_dim)
@@ -388,6 +443,7 @@ class PagedRunner:
         self.tables.add_rows(torch.zeros_like(lengths))
         logits = self._forward(input_ids.to(self.device), lengths, keep=1)[:, -1]
         self._apply(self.tables.fork(particles))
+        self.prompt_lengths = lengths.repeat_interleave(particles)
         return logits.to(out_device)
 
     @torch.no_grad()
@@ -400,9 +456,15 @@ class PagedRunner:
         if len(plan) == 0:
             return
         self._apply(self.tables.reorder(plan.dest, plan.src))
+        self.prompt_lengths[plan.dest.cpu()] = self.prompt_lengths[plan.src.cpu()]
 
     def keep(self, rows: torch.Tensor) -> None:
         self.tables.keep(rows)
+        self.prompt_lengths = self.prompt_lengths[rows.cpu()]
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        drop = check_rollback(drop, self.tables.lengths, self.prompt_lengths)
+        self._apply(self.tables.rollback(drop))
 
     # ------------------------------------------------------------- internals
     def _apply(self, copies: BlockCopies) -> None:
@@ -474,6 +536,21 @@ class PagedRunner:
         logits = self.model.lm_head(hidden).float()
         tables.advance(new_tokens)
         return logits
+
+
+def check_rollback(drop: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """`drop` as a CPU long tensor, or a ValueError saying which rows ask for too much."""
+    drop = torch.as_tensor(drop).to(torch.long).cpu().reshape(-1)
+    if drop.numel() != lengths.numel():
+        raise ValueError(f"rollback(drop): drop has {drop.numel()} entries but the runner holds {lengths.numel()} rows.")
+    received = lengths - prompt_lengths
+    bad = (drop < 0) | (drop > received)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1).tolist()[:8]
+        raise ValueError(
+            f"rollback(drop): rows {rows} ask to drop {drop[rows].tolist()} tokens but received "
+            f"{received[rows].tolist()} since prefill; drop must lie in 0..tokens received (the prompt stays).")
+    return drop
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

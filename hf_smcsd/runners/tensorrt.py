@@ -17,14 +17,20 @@ between sequences, so the runner owns everything and calls the engine through
 - `kv_cache_block_offsets[0, row, kv, i] = table[row, i] * num_layers * 2 + kv` from the
   ref-counted tables of `runners/paged.py`: particles share full blocks, a resample copies
   only partial last blocks (`pool.index_copy_`, one copy moves every layer);
-- prefill is a context step (`host_request_types = 0`), prompts packed without padding;
-- an extend by k tokens is one generation step (`host_request_types = 1`) with
-  `spec_decoding_generation_lengths = k`, `spec_decoding_position_offsets = arange(k)`, a
-  causal `spec_decoding_packed_mask`, `spec_decoding_use = [k > 1]`, `sequence_length =
-  past + k`, `host_past_key_value_lengths = past`, and `last_token_ids = 1 .. rows*k` so the
-  engine returns logits for every new position. Engines built by `hf-smcsd build-engines`
-  have these inputs (`--speculative_decoding_mode lookahead_decoding --max_draft_len D`);
-  longer extends are split into steps of at most D+1 tokens.
+- prefill is a context step (`host_request_types = 0`), prompts packed without padding,
+  `host_past_key_value_lengths` = the context lengths;
+- an extend is one or more generation steps (`host_request_types = 1`) of exactly the
+  engine's built width W = D+1 tokens per row (`--speculative_decoding_mode
+  lookahead_decoding --max_draft_len D`): `spec_decoding_generation_lengths = W`,
+  `spec_decoding_position_offsets = arange(W)`, a causal `spec_decoding_packed_mask`,
+  `spec_decoding_use = [1]` in every step, `sequence_length = past + W`,
+  `host_past_key_value_lengths = past` (per row: rows may differ in length after a
+  rollback), one `position_ids` entry per token, and `last_token_ids = 1 .. rows*W` so the
+  engine returns logits for every new position. A shorter request is filled up to W and
+  the filler forgotten (see `TensorRTRunner.extend`);
+- host inputs (`host_*`, `spec_decoding_use`, `all_reduce_workspace`) are bound as CPU
+  tensors by name, as TensorRT-LLM's runtimes do (`bind_inputs`); every engine input is
+  declared on the device, so the engine's tensor locations cannot tell.
 
 Tensor parallelism: engines built with tp > 1 run under `mpirun -n tp`; every rank runs the
 whole SMC loop on its own GPU with its shard of the target (a tp=1 draft is replicated).
@@ -58,8 +64,12 @@ TensorRT-LLM APIs called, with the source they were read from (NVIDIA/TensorRT-L
   runtime/kv_cache_manager.py (`BlocksManager.get_k_or_v_block_offset`), runtime/medusa_utils.py
   (`get_packed_mask`: bit j of word w = token 32 w + j).
 - Through `Session.engine` (TensorRT's ICudaEngine, as runtime/generation.py uses it):
-  `num_io_tensors`, `get_tensor_name`, `get_tensor_mode`, `get_tensor_location`,
-  `get_tensor_dtype`.
+  `num_io_tensors`, `get_tensor_name`, `get_tensor_mode`,
+  `get_tensor_dtype` (not `get_tensor_location`: every input is declared on the device).
+- Engine rank and shard: `engine.config.pretrained_config.mapping` (`tp_size`, `pp_size`,
+  `rank`), checked against the MPI world (`engine_rank`, `check_engine_mapping`).
+
+docs/trt-pytorch-backend.md lists each input with the 1.2 source it was checked against.
 """
 
 from __future__ import annotations
@@ -77,9 +87,10 @@ from ..engines.manifest import (
     read_manifest,
     rebuild_hint,
     require_fits,
+    xqa_problems,
 )
 from ..resampling import CopyPlan
-from .paged import BlockAllocator, BlockCopies, BlockTables
+from .paged import BlockAllocator, BlockCopies, BlockTables, check_rollback
 
 PERF_KNOBS = 16  # host_runtime_perf_knobs is int64 [16]; -1 = default, [0] = 1 multi_block_mode
 
@@ -109,6 +120,35 @@ def kv_block_offsets(table: torch.Tensor, num_layers: int) -> torch.Tensor:
     return offsets.unsqueeze(0).to(torch.int32)
 
 
+# Inputs bound as CPU tensors. Every engine input is *declared* on the device
+# (`get_tensor_location` says DEVICE for all of them); TensorRT-LLM's runtimes choose by name:
+# `host_*` inputs and `spec_decoding_use` (runtime/generation.py `_get_context_shape_buffer`,
+# `_get_next_step_shape_buffer`, `_init_medusa`; cpp/tensorrt_llm/runtime/lookaheadBuffers.cpp,
+# eagleBuffers.cpp: `useSpecDecoding = ...cpu(...)`) and `all_reduce_workspace`
+# (plugin/plugin.py `CustomAllReduceHelper.allocate_workspace` returns it with device="cpu").
+# The attention plugin dereferences the request types and `spec_decoding_use` on the host.
+HOST_INPUTS = ("spec_decoding_use", "all_reduce_workspace")
+
+
+def bound_on_host(name: str) -> bool:
+    return name.startswith("host_") or name in HOST_INPUTS
+
+
+def bind_inputs(inputs: dict[str, torch.Tensor], input_names: list[str], dtypes: dict[str, torch.dtype],
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors an engine step is given: every engine input, in the engine's dtype, on the
+    CPU when TensorRT-LLM binds it there (`bound_on_host`), otherwise on `device`."""
+    missing = [name for name in input_names if name not in inputs]
+    if missing:
+        raise EngineMismatchError(
+            f"The engine expects inputs the runner does not make: {missing}. It was not built by "
+            "`hf-smcsd build-engines` for TensorRT-LLM 1.2; rebuild it."
+        )
+    cpu = torch.device("cpu")
+    return {name: inputs[name].to(device=cpu if bound_on_host(name) else device, dtype=dtypes[name]).contiguous()
+            for name in input_names}
+
+
 def _common_inputs(rows: int, table: torch.Tensor, num_layers: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     offsets = kv_block_offsets(table, num_layers)
     knobs = torch.full((PERF_KNOBS,), -1, dtype=torch.int64)
@@ -124,19 +164,27 @@ def _common_inputs(rows: int, table: torch.Tensor, num_layers: int, max_seq_len:
     }
 
 
-def _spec_inputs(rows: int, k: int) -> dict[str, torch.Tensor]:
+def _spec_inputs(rows: int, width: int) -> dict[str, torch.Tensor]:
+    """The `spec_decoding_*` inputs for steps of `width` tokens per row. Always the engine's
+    built width, and `spec_decoding_use = [1]` in every step, context steps included, as
+    GenerationSession keeps its Medusa buffers and the C++ lookahead runtime its
+    `useSpecDecoding`: the plugin re-configures itself whenever the flag changes, and whether
+    it takes narrower steps than it was built for is not established (see TensorRTRunner.extend)."""
     return {
-        "spec_decoding_generation_lengths": torch.full((rows,), k, dtype=torch.int32),
-        "spec_decoding_position_offsets": torch.arange(k, dtype=torch.int32).expand(rows, k).contiguous(),
-        "spec_decoding_packed_mask": causal_packed_mask(k).repeat(rows, 1),
-        "spec_decoding_use": torch.tensor([int(k > 1)], dtype=torch.int32),
+        "spec_decoding_generation_lengths": torch.full((rows,), width, dtype=torch.int32),
+        "spec_decoding_position_offsets": torch.arange(width, dtype=torch.int32).expand(rows, width).contiguous(),
+        "spec_decoding_packed_mask": causal_packed_mask(width).repeat(rows, 1),
+        "spec_decoding_use": torch.ones(1, dtype=torch.int32),
     }
 
 
 def pack_context_step(input_ids: torch.Tensor, attention_mask: torch.Tensor, table: torch.Tensor, *,
-                      num_layers: int, max_seq_len: int) -> dict[str, torch.Tensor]:
+                      num_layers: int, max_seq_len: int, tokens_per_step: int = 1) -> dict[str, torch.Tensor]:
     """Inputs of a prefill (context) step for left-padded prompts `[rows, width]`: the real
-    tokens packed without padding, positions from 0, logits at each prompt's last token."""
+    tokens packed without padding, positions from 0, logits at each prompt's last token.
+    `host_past_key_value_lengths` holds the context lengths (the KV length after the step), as
+    both TensorRT-LLM runtimes pass it: the plugin takes their maximum as the context
+    attention's KV length."""
     mask = attention_mask.to(torch.bool).cpu()
     lengths = mask.sum(dim=1).to(torch.int32)
     rows = lengths.numel()
@@ -148,29 +196,30 @@ def pack_context_step(input_ids: torch.Tensor, attention_mask: torch.Tensor, tab
         "context_lengths": lengths.clone(),
         "host_context_lengths": lengths.clone(),
         "sequence_length": lengths.clone(),
-        "host_past_key_value_lengths": torch.zeros(rows, dtype=torch.int32),
+        "host_past_key_value_lengths": lengths.clone(),
         "host_request_types": torch.zeros(rows, dtype=torch.int32),
     }
     inputs.update(_common_inputs(rows, table, num_layers, max_seq_len))
-    inputs.update(_spec_inputs(rows, 1))
+    inputs.update(_spec_inputs(rows, tokens_per_step))
     return inputs
 
 
 def pack_generation_step(tokens: torch.Tensor, past_lengths: torch.Tensor, prompt_lengths: torch.Tensor,
                          table: torch.Tensor, *, num_layers: int, max_seq_len: int) -> dict[str, torch.Tensor]:
-    """Inputs of a generation step adding `k` tokens to every row (`tokens` `[rows, k]`).
+    """Inputs of a generation step adding `k` tokens to every row (`tokens` `[rows, k]`, k the
+    engine's built width).
 
-    Row r holds `past_lengths[r]` tokens; the new ones take positions `past .. past+k-1`;
-    `last_token_ids = 1 .. rows*k` returns logits for every one of them, row-major.
-    `position_ids` holds each row's first new position (one per row, as the stock runtime
-    passes it; Llama engines apply rotary embeddings inside the attention plugin from
+    Row r holds `past_lengths[r]` tokens (rows may differ); its new ones take positions
+    `past[r] .. past[r]+k-1`; `last_token_ids = 1 .. rows*k` returns logits for every one of
+    them, row-major. `position_ids` holds one position per token, as the C++ lookahead
+    runtime passes it (Llama engines apply rotary embeddings inside the attention plugin from
     `host_past_key_value_lengths` and `spec_decoding_position_offsets`).
     """
     rows, k = tokens.shape
     past = past_lengths.to(torch.int32).cpu()
     inputs = {
         "input_ids": tokens.cpu().reshape(-1).to(torch.int32),
-        "position_ids": past.clone(),
+        "position_ids": (past.unsqueeze(1) + torch.arange(k, dtype=torch.int32)).reshape(-1),
         "last_token_ids": torch.arange(1, rows * k + 1, dtype=torch.int32),
         "context_lengths": prompt_lengths.to(torch.int32).cpu(),
         "host_context_lengths": prompt_lengths.to(torch.int32).cpu(),
@@ -218,6 +267,32 @@ def local_rank() -> int:
         if name in os.environ:
             return int(os.environ[name])
     return world()[0]
+
+
+def engine_rank(tp_size: int, world: tuple[int, int]) -> int:
+    """Which `rank<r>.engine` this process loads: its MPI rank for a tensor-parallel engine
+    (which then needs exactly `tp_size` ranks), 0 for a tp=1 engine (replicated on every rank)."""
+    rank, size = world
+    if tp_size == 1:
+        return 0
+    if size != tp_size:
+        raise EngineMismatchError(
+            f"The engine was built with tensor parallelism {tp_size} but this process group has {size} rank(s): "
+            f"launch with `mpirun -n {tp_size} python <your script>`.")
+    return rank
+
+
+def check_engine_mapping(mapping, tp_size: int, rank: int) -> None:
+    """The loaded engine's own mapping must be the shard this rank asked for."""
+    if int(mapping.tp_size) != tp_size or int(getattr(mapping, "pp_size", 1)) != 1:
+        raise EngineMismatchError(
+            f"The engine's config says tp_size={mapping.tp_size}, pp_size={getattr(mapping, 'pp_size', 1)} but its "
+            f"manifest says tp_size={tp_size} (pipeline parallelism is not supported): rebuild it with "
+            "`hf-smcsd build-engines`.")
+    if tp_size > 1 and int(mapping.rank) != rank:
+        raise EngineMismatchError(
+            f"MPI rank {rank} loaded the shard of rank {mapping.rank}: the engine directory's rank files do not match "
+            "their configs; rebuild it.")
 
 
 def sync_seed() -> int | None:
@@ -276,14 +351,14 @@ class EngineSession:
             raise RuntimeError("TRTModel needs an NVIDIA GPU; torch.cuda.is_available() is False.")
         self._trt, self._TensorInfo = trt, TensorInfo
         self._to_trt, self._to_torch = torch_dtype_to_trt, trt_dtype_to_torch
-        rank, size = world()
         tp = int(manifest["tp_size"])
-        self.engine_rank = rank if tp > 1 else 0  # a tp=1 engine is replicated on every rank
+        self.engine_rank = engine_rank(tp, world())  # a tp=1 engine is replicated on every rank
         self.device = torch.device("cuda", local_rank() % torch.cuda.device_count())
         torch.cuda.set_device(self.device)
         engine = Engine.from_dir(str(engine_dir), self.engine_rank)
         self.session = Session.from_serialized_engine(engine.engine)
         pretrained, build = engine.config.pretrained_config, engine.config.build_config
+        check_engine_mapping(pretrained.mapping, tp, self.engine_rank)
         self.tp_size = tp
         self.num_layers = int(pretrained.num_hidden_layers)
         self.num_kv_heads = math.ceil(int(pretrained.num_key_value_heads) / tp)
@@ -304,7 +379,6 @@ class EngineSession:
         names = [engine_trt.get_tensor_name(i) for i in range(engine_trt.num_io_tensors)]
         is_input = {n: engine_trt.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
-        self.on_host = {n: engine_trt.get_tensor_location(n) == trt.TensorLocation.HOST for n in self.input_names}
         self.dtypes = {n: trt_dtype_to_torch(engine_trt.get_tensor_dtype(n)) for n in self.input_names}
         for needed in ("kv_cache_block_offsets", "host_kv_cache_pool_pointers", "last_token_ids"):
             if needed not in self.input_names:
@@ -315,6 +389,14 @@ class EngineSession:
         self.has_spec_inputs = "spec_decoding_packed_mask" in self.input_names
         if not self.has_spec_inputs:
             self.tokens_per_step = 1
+        problems = xqa_problems(
+            dtype=str(pretrained.dtype), num_heads=int(pretrained.num_attention_heads),
+            num_kv_heads=int(pretrained.num_key_value_heads), head_size=self.head_size,
+            tokens_per_block=self.tokens_per_block, tokens_per_step=self.tokens_per_step, tp_size=tp)
+        if problems:
+            raise EngineMismatchError(
+                f"{engine_dir} cannot run its {self.tokens_per_step}-token steps:\n  - " + "\n  - ".join(problems)
+                + f"\nRebuild it, for example:\n  {rebuild_hint(manifest)}")
         self.extra_inputs: dict[str, torch.Tensor] = {}
         if "all_reduce_workspace" in self.input_names:
             from tensorrt_llm.plugin.plugin import CustomAllReduceHelper
@@ -325,17 +407,7 @@ class EngineSession:
             self.extra_inputs["all_reduce_workspace"] = workspace
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs = {**self.extra_inputs, **inputs}
-        missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise EngineMismatchError(
-                f"The engine expects inputs the runner does not make: {missing}. It was not built by "
-                "`hf-smcsd build-engines` for TensorRT-LLM 1.2; rebuild it."
-            )
-        bound = {}
-        for name in self.input_names:
-            device = torch.device("cpu") if self.on_host[name] else self.device
-            bound[name] = inputs[name].to(device=device, dtype=self.dtypes[name]).contiguous()
+        bound = bind_inputs({**self.extra_inputs, **inputs}, self.input_names, self.dtypes, self.device)
         infos = self.session.infer_shapes(
             [self._TensorInfo(name, self._to_trt(t.dtype), tuple(t.shape)) for name, t in bound.items()])
         outputs = {info.name: torch.empty(tuple(info.shape), dtype=self._to_torch(info.dtype), device=self.device)
@@ -408,33 +480,51 @@ class TensorRTRunner:
         logits = torch.empty(lengths.numel(), self.vocab_size, dtype=torch.float32, device=self.device)
         for start, end in prefill_groups(lengths, session.max_num_tokens, session.max_batch_size):
             inputs = pack_context_step(input_ids[start:end], mask[start:end], tables.table[start:end],
-                                       num_layers=session.num_layers, max_seq_len=session.max_seq_len)
+                                       num_layers=session.num_layers, max_seq_len=session.max_seq_len,
+                                       tokens_per_step=session.tokens_per_step)
             logits[start:end] = self._run(inputs)
         self.prompt_lengths = lengths.repeat_interleave(particles)
         self._copy(tables.fork(particles))
         return logits.to(out_device)
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every engine step has the engine's built width W (K+1 for the target, 2 or 1 for the
+        draft): a request for k tokens runs ceil(k / W) steps, the last one filled up with
+        copies of its last token. The filler's logits are dropped and its KV is forgotten at
+        once (a rollback of the table; the filler only ever lands in blocks the row owns).
+        Whether TensorRT-LLM 1.2's plugin takes steps narrower than the engine was built for
+        (spec_decoding_generation_lengths < W, or spec_decoding_use switching to 0) is not
+        established; this way it never has to."""
         rows, k = tokens.shape
         if self.lockstep:
             check_lockstep("extend", tokens, self._allgather)
         session, tables = self.session, self.tables
-        pieces, step = [], max(1, session.tokens_per_step)
-        for start in range(0, k, step):  # steps of at most tokens_per_step tokens per row
-            chunk = tokens[:, start:start + step]
-            width = chunk.shape[1]
+        pieces, width = [], max(1, session.tokens_per_step)
+        per_call = max(1, session.max_num_tokens // width)  # build-engines makes one call fit all rows
+        for start in range(0, k, width):
+            chunk = tokens[:, start:start + width].cpu()
+            real = chunk.shape[1]
+            if real < width:
+                chunk = torch.cat([chunk, chunk[:, -1:].expand(rows, width - real)], dim=1)
             tables.reserve(width)
             logits = torch.empty(rows, width, self.vocab_size, dtype=torch.float32, device=self.device)
-            per_call = max(1, session.max_num_tokens // width)  # build-engines makes one call fit all rows
             for first in range(0, rows, per_call):
                 part = slice(first, min(rows, first + per_call))
                 inputs = pack_generation_step(chunk[part], tables.lengths[part], self.prompt_lengths[part],
                                               tables.table[part], num_layers=session.num_layers,
                                               max_seq_len=session.max_seq_len)
                 logits[part] = self._run(inputs).view(-1, width, self.vocab_size)
-            pieces.append(logits)
             tables.advance(width)
+            if real < width:
+                self._copy(tables.rollback(width - real))
+            pieces.append(logits[:, :real])
         return torch.cat(pieces, dim=1).to(tokens.device)
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        drop = check_rollback(drop, self.tables.lengths, self.prompt_lengths)
+        if self.lockstep:
+            check_lockstep("rollback", drop, self._allgather)
+        self._copy(self.tables.rollback(drop))
 
     def reorder(self, plan: CopyPlan) -> None:
         if len(plan) == 0:
@@ -560,10 +650,14 @@ class TRTModel:
         special tokens, `return_dict_in_generate`). The knobs are resolved and checked by
         `hf_smcsd.generate` exactly as for a transformers target; this object then does the
         preparation transformers' generate() would do and enters the same `custom_generate`."""
-        from ..generate import _dispatch
+        from ..generate import SMC_KNOBS, _dispatch
 
         if "custom_generate" in kwargs:  # the prepared call (from _dispatch, patch() or smc_generate())
             return self._prepared_generate(*args, **kwargs)
+        unknown = sorted(name for name in kwargs if name.startswith("smc_") and name not in SMC_KNOBS)
+        if unknown:  # a transformers target rejects unused model kwargs; do not ignore them silently either
+            raise ValueError(f"generate() got SMC-SD knobs this hf_smcsd does not know: {unknown}; "
+                             f"the knobs are {sorted(SMC_KNOBS)}.")
         particles = kwargs.get("smc_particles")
         config = kwargs.get("generation_config") or self.generation_config
         if particles is None and getattr(config, "smc_particles", None) is None:
