@@ -7,6 +7,8 @@ of 10,000 samples must stay within the sampling noise (mean + 5 sd of a perfect 
 TV at that sample size), for a draft that is wrong by a fair margin.
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
@@ -143,7 +145,7 @@ def test_greedy_equals_the_targets_greedy_at_batch_3(pair):
     ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]])
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=17, pad_token_id=0,
                                eos_token_id=None)
-    patched = hf_smcsd.patch(target)
+    patched = hf_smcsd.patch(copy.deepcopy(target))  # the session fixture stays unpatched
     for particles, gamma in ((1, 4), (4, 3)):
         torch.manual_seed(0)
         got = patched.generate(ids, attention_mask=mask, assistant_model=draft, smc_particles=particles,
