@@ -230,15 +230,17 @@ def _check_unsupported(kwargs: dict, generation_config, model) -> None:
     # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
     # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
     cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
-    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(kwargs.get("past_key_values")):
+    passed_cache = compat.passed_cache(kwargs)  # under the name 5.24+ uses (`cache`) or the old one
+    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(passed_cache):
         raise ValueError(
             f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
             "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
             "Drop cache_implementation (the default dynamic cache is used)."
         )
-    if kwargs.get("past_key_values") is not None:
+    if passed_cache is not None:
+        name = next(n for n in compat.CACHE_KWARGS if kwargs.get(n) is not None)
         raise ValueError(
-            "past_key_values cannot be passed with smc_particles: SMC-SD prefills both models itself. "
+            f"{name} (a KV cache) cannot be passed with smc_particles: SMC-SD prefills both models itself. "
             "Pass the full prompt as input_ids instead."
         )
     not_supported = {
