@@ -17,8 +17,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat
+from . import compat, validation
 from .runners.eager import EagerRunner
+from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
 from .weights import log_probs
 
@@ -98,8 +99,10 @@ def smc_generate(model, draft, input_ids=None, **kwargs):
     """SMC-SD with `model` as the target and `draft` as the proposal, without patching.
 
     Takes generate()'s keyword arguments and the `smc_*` knobs (`smc_particles` defaults to 4).
+    It samples unless told otherwise (`do_sample=True` by default; `do_sample=False` is greedy).
     """
     kwargs.setdefault("smc_particles", 4)
+    kwargs.setdefault("do_sample", True)
     stock_generate = functools.partial(type(model).generate, model)
     return _dispatch(model, stock_generate, (input_ids,) if input_ids is not None else (), dict(kwargs, assistant_model=draft))
 
@@ -115,11 +118,33 @@ def _setting(name: str, kwargs: dict, generation_config, model, default=None):
     return default
 
 
+def _knob(name: str, kwargs: dict, generation_config, model):
+    """A knob as the call sets it: a keyword wins even when it is None (None: the default;
+    `smc_particles=None` turns SMC-SD off for this call), as in stock generate()."""
+    if name in kwargs:
+        return SMC_KNOBS[name] if kwargs[name] is None else kwargs[name]
+    return _setting(name, kwargs, generation_config, model, SMC_KNOBS[name])
+
+
+def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -> tuple[dict, int | None]:
+    """Every check before any work (`hf_smcsd.validation`): the knobs with plain values, and
+    the vocabulary both models run on when their widths differ by padding (else None)."""
+    knobs = validation.check_knobs(knobs)
+    shared_vocab = validation.check_models(model, draft, kwargs)
+
+    def setting(name):
+        return _setting(name, kwargs, generation_config, model)
+
+    validation.check_generate_args(kwargs, setting, generation_config)
+    validation.warn_ignored_outputs(setting)
+    return knobs, shared_vocab
+
+
 def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     generation_config = kwargs.get("generation_config")
     if generation_config is None and len(args) > 1:
         generation_config = args[1]
-    knobs = {name: _setting(name, kwargs, generation_config, model, default) for name, default in SMC_KNOBS.items()}
+    knobs = {name: _knob(name, kwargs, generation_config, model) for name in SMC_KNOBS}
     for name in SMC_KNOBS:  # stock generate() would reject them as unused model kwargs
         kwargs.pop(name, None)
     if knobs["smc_particles"] is None:
@@ -131,7 +156,7 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             "smc_particles is set but no draft model was given: pass assistant_model=<a small causal LM "
             "sharing the target's tokenizer>, or drop smc_particles for ordinary generation."
         )
-    _check_models(model, draft, kwargs)
+    knobs, shared_vocab = _check_request(model, draft, knobs, kwargs, generation_config)
     if not _setting("do_sample", kwargs, generation_config, model):
         warnings.warn(
             "smc_particles with do_sample=False: SMC-SD is a sampling method, so this call runs "
@@ -140,7 +165,6 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             stacklevel=3,
         )
         return original_generate(*args, assistant_model=draft, **kwargs)
-    _check_unsupported(kwargs, generation_config, model)
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0))
     _stop_strings_to_criteria(kwargs, generation_config, model)
@@ -151,7 +175,8 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     handle = _StreamerHandle(streamer) if streamer is not None else None
     try:
         return original_generate(
-            *args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, smc_streamer=handle, **kwargs
+            *args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, smc_streamer=handle,
+            smc_vocab=shared_vocab, **kwargs
         )
     finally:
         if handle is not None:
@@ -198,63 +223,6 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         alpha=knobs["smc_alpha"],
         **extra,
     )
-
-
-def _check_models(target, draft, kwargs: dict) -> None:
-    for model in (target, draft):
-        if isinstance(model, torch.nn.Module):
-            compat.check_supported_model(model)  # recurrent / hybrid caches cannot be reordered
-    for name, model in (("model", target), ("assistant_model", draft)):
-        config = getattr(model, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError(
-                f"{name} is an encoder-decoder model ({type(model).__name__}); SMC-SD supports decoder-only "
-                "causal LMs (AutoModelForCausalLM). Use a decoder-only target and draft."
-            )
-    target_vocab, draft_vocab = compat.output_vocab_size(target), compat.output_vocab_size(draft)
-    if target_vocab != draft_vocab:
-        raise ValueError(
-            f"assistant_model has a vocabulary of {draft_vocab} tokens but the target has {target_vocab}: "
-            "SMC-SD weighs the draft's tokens under the target, so both must share one tokenizer and "
-            "vocabulary. Use a draft from the target's model family."
-        )
-    tokenizer, assistant_tokenizer = kwargs.get("tokenizer"), kwargs.pop("assistant_tokenizer", None)
-    if tokenizer is not None and assistant_tokenizer is not None and tokenizer.get_vocab() != assistant_tokenizer.get_vocab():
-        raise ValueError(
-            "tokenizer and assistant_tokenizer differ: SMC-SD needs a draft that shares the target's "
-            "tokenizer (universal assisted decoding across tokenizers is not supported)."
-        )
-
-
-def _check_unsupported(kwargs: dict, generation_config, model) -> None:
-    # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
-    # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
-    cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
-    passed_cache = compat.passed_cache(kwargs)  # under the name 5.24+ uses (`cache`) or the old one
-    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(passed_cache):
-        raise ValueError(
-            f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
-            "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
-            "Drop cache_implementation (the default dynamic cache is used)."
-        )
-    if passed_cache is not None:
-        name = next(n for n in compat.CACHE_KWARGS if kwargs.get(n) is not None)
-        raise ValueError(
-            f"{name} (a KV cache) cannot be passed with smc_particles: SMC-SD prefills both models itself. "
-            "Pass the full prompt as input_ids instead."
-        )
-    not_supported = {
-        # transformers numbers its rows by beam; SMC-SD's rows are particles.
-        "prefix_allowed_tokens_fn": "it is called with a row index that does not name the prompt here",
-        "negative_prompt_ids": "classifier-free guidance runs the model on its own inputs",
-    }
-    for name, why in not_supported.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{name} is not supported with smc_particles ({why}); remove it.")
-    num_beams = _setting("num_beams", kwargs, generation_config, model)
-    if num_beams is not None and num_beams > 1:
-        raise ValueError(f"num_beams={num_beams} is beam search; SMC-SD samples. Use num_beams=1.")
-
 
 
 def processed_log_probs(logits_processor: LogitsProcessorList):
@@ -333,6 +301,7 @@ def _smc_decode(
     smc_draft=None,
     smc_knobs=None,
     smc_streamer=None,
+    smc_vocab=None,
     **model_kwargs,
 ):
     """The `custom_generate` callable: generate() has prepared everything; run the loop."""
@@ -370,8 +339,8 @@ def _smc_decode(
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
     result = smc_sample(
-        make_runner(model),
-        make_runner(smc_draft),
+        make_runner(model, smc_vocab),
+        make_runner(smc_draft, smc_vocab),
         input_ids,
         attention_mask,
         settings,
@@ -386,11 +355,15 @@ def _smc_decode(
     return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
 
 
-def make_runner(model):
+def make_runner(model, vocab_size: int | None = None):
     """The backend for a model: an object that brings its own runner (e.g. a compiled
-    engine) says so with a `smc_runner()` method; a transformers model gets the eager one."""
+    engine) says so with a `smc_runner()` method; a transformers model gets the eager one.
+    With `vocab_size`, its logits are cut to the ids both models share (padded widths)."""
     factory = getattr(model, "smc_runner", None)
-    return factory() if callable(factory) else EagerRunner(model)
+    runner = factory() if callable(factory) else EagerRunner(model)
+    if vocab_size is not None and vocab_size < runner.vocab_size:
+        runner = SharedVocabulary(runner, vocab_size)
+    return runner
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):
