@@ -9,6 +9,7 @@ builds the runners and calls the backend-agnostic loop in `hf_smcsd.smc`.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -81,18 +82,43 @@ def patch(model):
     With `smc_particles` (as a keyword or on the generation config) generate() runs SMC-SD
     with `assistant_model` as the draft; without it, the original generate() runs untouched.
     The model's class and other instances are not changed. Patching twice is harmless.
+
+    The patch is a `PatchedGenerate` object in the instance's `__dict__` that refers back to
+    its model, so it travels with the object: `copy.deepcopy` gives an independent patched
+    copy whose generate() uses the copy's weights, and pickling / `torch.save` keep the patch
+    (`torch.load(..., weights_only=False)` returns a patched model). `save_pretrained` saves
+    the weights and the generation config (smc_* settings included), not the patch: patch
+    the model `from_pretrained` returns.
     """
-    if getattr(model, "_hf_smcsd_original_generate", None) is not None:
+    if isinstance(vars(model).get("generate"), PatchedGenerate):
         return model
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        return _dispatch(model, original, args, kwargs)
-
-    model._hf_smcsd_original_generate = original
-    model.generate = generate
+    model.generate = PatchedGenerate(model, vars(model).get("generate"))
     return model
+
+
+class PatchedGenerate:
+    """A model's SMC-SD-aware `generate`, as an instance attribute (see `patch`).
+
+    Holds the model and, if the instance had its own `generate` before (e.g. one set by
+    transformers' `custom_generate` adjustment), that one; otherwise the class's generate()
+    is looked up at call time, so nothing bound to one object is stored.
+    """
+
+    def __init__(self, model, instance_generate=None):
+        self.model = model
+        self.instance_generate = instance_generate
+
+    def original(self):
+        if self.instance_generate is not None:
+            return self.instance_generate
+        return functools.partial(type(self.model).generate, self.model)
+
+    def __call__(self, *args, **kwargs):
+        return _dispatch(self.model, self.original(), args, kwargs)
+
+    @property
+    def __signature__(self):  # help() and inspect show generate()'s own arguments
+        return inspect.signature(functools.partial(type(self.model).generate, self.model))
 
 
 def smc_generate(model, draft, input_ids=None, **kwargs):
