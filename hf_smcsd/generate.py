@@ -378,7 +378,46 @@ def _smc_decode(
     if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
         chosen = int(result.chosen[0, 0])
         streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
-    return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
+    output = _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
+    if generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits):
+        _add_returned_scores(output, model, input_ids, attention_mask, logits_processor, generation_config, smc_vocab)
+    return output
+
+
+def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, generation_config, vocab_size):
+    """`scores` / `logits` of the returned sequences, as transformers' sampling returns them:
+    per new position, the target's raw logits and the processed scores (the distribution the
+    target defines there). SMC-SD's own forwards ran on particles, blocks at a time, so they
+    are recomputed here by one forward of the target over the returned sequences (about the
+    cost of a prefill). With padded vocabularies they cover the shared ids only."""
+    if not isinstance(model, torch.nn.Module):
+        warnings.warn(
+            "output_scores / output_logits: this target is not a transformers model, so SMC-SD cannot "
+            "recompute them; the output's fields are None.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    sequences = output.sequences
+    rows, prompt_length = sequences.shape[0], prompts.shape[1]
+    new = sequences.shape[1] - prompt_length
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompts)
+    per_row = rows // prompt_mask.shape[0]  # num_return_sequences, prompt-major
+    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new)], dim=1)
+    kwargs = {"attention_mask": mask, "use_cache": False}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() does
+    with torch.no_grad():
+        logits = model(input_ids=sequences, **kwargs).logits[:, prompt_length - 1 : -1].float()
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    if generation_config.output_logits:
+        output.logits = tuple(logits[:, j] for j in range(new))
+    if generation_config.output_scores:
+        output.scores = tuple(
+            logits_processor(sequences[:, : prompt_length + j], logits[:, j].clone()) for j in range(new)
+        )
 
 
 def make_runner(model, vocab_size: int | None = None):

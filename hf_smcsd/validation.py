@@ -285,7 +285,7 @@ def shared_vocabulary(target, draft, tokenizer=None) -> int | None:
 
 
 def warn_ignored_outputs(setting: Callable[[str], Any]) -> None:
-    for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
+    for name in ("output_attentions", "output_hidden_states"):
         if setting(name):
             warnings.warn(
                 f"{name}=True: SMC-SD does not return them (its forwards run on particles, not on the returned "
