@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat, validation
+from . import compat, memory, validation
 from .runners.eager import EagerRunner
 from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
@@ -354,6 +354,7 @@ def _smc_decode(
         smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
         num_return_sequences=num_return,
     ))
+    _check_memory(model, smc_draft, input_ids, settings, smc_knobs, smc_vocab)
     draft_temperature = settings.draft_temperature or temperature
     draft_log_probs = (
         processed_log_probs(_draft_processors(logits_processor, draft_temperature))
@@ -418,6 +419,16 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
         output.scores = tuple(
             logits_processor(sequences[:, : prompt_length + j], logits[:, j].clone()) for j in range(new)
         )
+
+
+def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, vocab_size) -> None:
+    """Refuse a request that would not fit before the runners allocate (`hf_smcsd.memory`);
+    the exact modes also hold one round of draft distributions."""
+    memory.check_fits(
+        target, draft, prompts=input_ids.shape[0], prompt_length=input_ids.shape[1], particles=settings.particles,
+        max_new_tokens=settings.max_new_tokens, gamma=settings.gamma,
+        exact_mode=knobs.get("smc_mode", "smc") != "smc", vocab_size=vocab_size,
+    )
 
 
 def make_runner(model, vocab_size: int | None = None):
