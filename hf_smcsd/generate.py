@@ -133,6 +133,13 @@ def smc_generate(model, draft, input_ids=None, **kwargs):
     return _dispatch(model, stock_generate, (input_ids,) if input_ids is not None else (), dict(kwargs, assistant_model=draft))
 
 
+def dispatch_generate(model, *args, **kwargs):
+    """What a patched model's generate() runs, for an unpatched model: SMC-SD when
+    `smc_particles` is set (keyword or generation config), else the class's own generate().
+    The repository's `custom_generate/generate.py` enters here."""
+    return _dispatch(model, functools.partial(type(model).generate, model), args, kwargs)
+
+
 def _setting(name: str, kwargs: dict, generation_config, model, default=None):
     """A generate() argument as generate() resolves it: keyword, else the generation config
     passed in, else the model's generation config, else `default`."""
