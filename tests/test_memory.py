@@ -45,7 +45,7 @@ def test_estimate_grows_with_the_knobs(pair):
     assert memory.estimate(target, draft, 2, 8, 8, 32, 4).total > base.total
     assert memory.estimate(target, draft, 2, 8, 4, 64, 4).total > base.total
     exact = memory.estimate(target, draft, 2, 8, 4, 32, 4, exact_mode=True)
-    assert exact.working - base.working == 4 * 8 * 4 * 40  # one round of draft distributions
+    assert exact.working - base.working == 4 * 8 * 4 * 40  # float32 x rows x K x V  # one round of draft distributions
 
 
 def test_a_request_that_does_not_fit_is_refused_at_once(pair, monkeypatch):
