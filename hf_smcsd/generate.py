@@ -414,10 +414,13 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
     per_row = rows // prompt_mask.shape[0]  # num_return_sequences, prompt-major
     mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new)], dim=1)
     kwargs = {"attention_mask": mask, "use_cache": False}
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    parameters = inspect.signature(model.forward).parameters
+    if "position_ids" in parameters:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() does
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = new + 1  # not the prompt's: [rows, prompt, V] can be large
     with torch.no_grad():
-        logits = model(input_ids=sequences, **kwargs).logits[:, prompt_length - 1 : -1].float()
+        logits = model(input_ids=sequences, **kwargs).logits[:, -(new + 1) : -1].float()
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     if generation_config.output_logits:

@@ -36,3 +36,12 @@ def test_scores_and_logits_of_the_returned_sequences(pair):
         assert bool(kept[token])  # a sampled token lies in the processed target's support
         if token == 3:
             break  # EOS: the rest is padding
+
+
+def test_scores_follow_num_return_sequences(pair):
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11]])
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=4, num_return_sequences=2, **KW)
+    assert out.sequences.shape[0] == 4 and out.scores[0].shape == (4, 40)
+    torch.testing.assert_close(out.logits[0][0], out.logits[0][1])  # one prompt, the same first-step logits
