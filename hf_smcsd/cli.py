@@ -11,6 +11,7 @@ import sys
 
 # command -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS = {
+    "generate": ("hf_smcsd.generate_cli", "one-shot SMC-SD generation: a prompt (streamed) or a file of prompts, --json"),
     "bench": ("hf_smcsd.bench.bench", "speed of the target alone, assisted generation and SMC-SD, side by side"),
     "fidelity": ("hf_smcsd.bench.fidelity", "exact and task fidelity of SMC-SD against the target"),
     "build-engines": ("hf_smcsd.engines.build", "build TensorRT-LLM engines for a target and a draft"),

@@ -11,6 +11,10 @@
 - Sliding-window layers (Mistral, Gemma 2 / 3) are `DynamicSlidingWindowLayer`s in both:
   they keep the last `window - 1` positions, the same count for every row, so rows copy as
   plainly as full-attention layers.
+- 5.24 renamed the forward's `past_key_values` argument (and the outputs' field) to `cache`,
+  warning on the old name until 5.40 removes it: `cache_kwarg` names what the installed
+  forward takes, `output_cache` reads it back, `passed_cache` finds a cache a caller gave
+  generate() under any of the names.
 - Also here: where a model's inputs go under an accelerate device map (`input_device`),
   per-device cache row copies (`copy_cache_rows`, `select_cache_rows`), and which models
   and caches the runner accepts (`check_supported_model`, `check_supported_cache`).
@@ -18,12 +22,46 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 from packaging.version import Version
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
+_RENAMED_CACHE = TRANSFORMERS_VERSION >= Version("5.24.0.dev0")
+
+
+# Names a caller may give generate() a cache under (newest first); 5.24 renamed the first two.
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+
+
+def cache_kwarg(model) -> str:
+    """The name the installed forward takes its KV cache under: `cache` (transformers >= 5.24)
+    or `past_key_values`. Read from the signature, so remote-code models that still use the
+    old name keep working."""
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    return "cache" if _RENAMED_CACHE else "past_key_values"  # a forward(**kwargs): the current name
+
+
+def output_cache(output):
+    """The cache a forward returned, read under the field name its output class declares
+    (reading the old name on 5.24+ goes through a deprecation shim)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+
+
+def passed_cache(kwargs: dict):
+    """A cache the caller passed to generate(), under any name it accepts (or None)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def output_vocab_size(model) -> int:

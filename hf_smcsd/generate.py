@@ -9,6 +9,8 @@ builds the runners and calls the backend-agnostic loop in `hf_smcsd.smc`.
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +18,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat, policy
+from . import compat, memory, policy, validation
 from .runners.eager import EagerRunner
+from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
 from .weights import log_probs
 
@@ -93,28 +96,62 @@ def patch(model):
     With `smc_particles` (as a keyword or on the generation config) generate() runs SMC-SD
     with `assistant_model` as the draft; without it, the original generate() runs untouched.
     The model's class and other instances are not changed. Patching twice is harmless.
+
+    The patch is a `PatchedGenerate` object in the instance's `__dict__` that refers back to
+    its model, so it travels with the object: `copy.deepcopy` gives an independent patched
+    copy whose generate() uses the copy's weights, and pickling / `torch.save` keep the patch
+    (`torch.load(..., weights_only=False)` returns a patched model). `save_pretrained` saves
+    the weights and the generation config (smc_* settings included), not the patch: patch
+    the model `from_pretrained` returns.
     """
-    if getattr(model, "_hf_smcsd_original_generate", None) is not None:
+    if isinstance(vars(model).get("generate"), PatchedGenerate):
         return model
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        return _dispatch(model, original, args, kwargs)
-
-    model._hf_smcsd_original_generate = original
-    model.generate = generate
+    model.generate = PatchedGenerate(model, vars(model).get("generate"))
     return model
+
+
+class PatchedGenerate:
+    """A model's SMC-SD-aware `generate`, as an instance attribute (see `patch`).
+
+    Holds the model and, if the instance had its own `generate` before (e.g. one set by
+    transformers' `custom_generate` adjustment), that one; otherwise the class's generate()
+    is looked up at call time, so nothing bound to one object is stored.
+    """
+
+    def __init__(self, model, instance_generate=None):
+        self.model = model
+        self.instance_generate = instance_generate
+
+    def original(self):
+        if self.instance_generate is not None:
+            return self.instance_generate
+        return functools.partial(type(self.model).generate, self.model)
+
+    def __call__(self, *args, **kwargs):
+        return _dispatch(self.model, self.original(), args, kwargs)
+
+    @property
+    def __signature__(self):  # help() and inspect show generate()'s own arguments
+        return inspect.signature(functools.partial(type(self.model).generate, self.model))
 
 
 def smc_generate(model, draft, input_ids=None, **kwargs):
     """SMC-SD with `model` as the target and `draft` as the proposal, without patching.
 
     Takes generate()'s keyword arguments and the `smc_*` knobs (`smc_particles` defaults to 4).
+    It samples unless told otherwise (`do_sample=True` by default; `do_sample=False` is greedy).
     """
     kwargs.setdefault("smc_particles", 4)
+    kwargs.setdefault("do_sample", True)
     stock_generate = functools.partial(type(model).generate, model)
     return _dispatch(model, stock_generate, (input_ids,) if input_ids is not None else (), dict(kwargs, assistant_model=draft))
+
+
+def dispatch_generate(model, *args, **kwargs):
+    """What a patched model's generate() runs, for an unpatched model: SMC-SD when
+    `smc_particles` is set (keyword or generation config), else the class's own generate().
+    The repository's `custom_generate/generate.py` enters here."""
+    return _dispatch(model, functools.partial(type(model).generate, model), args, kwargs)
 
 
 def _setting(name: str, kwargs: dict, generation_config, model, default=None):
@@ -128,11 +165,33 @@ def _setting(name: str, kwargs: dict, generation_config, model, default=None):
     return default
 
 
+def _knob(name: str, kwargs: dict, generation_config, model):
+    """A knob as the call sets it: a keyword wins even when it is None (None: the default;
+    `smc_particles=None` turns SMC-SD off for this call), as in stock generate()."""
+    if name in kwargs:
+        return SMC_KNOBS[name] if kwargs[name] is None else kwargs[name]
+    return _setting(name, kwargs, generation_config, model, SMC_KNOBS[name])
+
+
+def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -> tuple[dict, int | None]:
+    """Every check before any work (`hf_smcsd.validation`): the knobs with plain values, and
+    the vocabulary both models run on when their widths differ by padding (else None)."""
+    knobs = validation.check_knobs(knobs)
+    shared_vocab = validation.check_models(model, draft, kwargs)
+
+    def setting(name):
+        return _setting(name, kwargs, generation_config, model)
+
+    validation.check_generate_args(kwargs, setting, generation_config)
+    validation.warn_ignored_outputs(setting)
+    return knobs, shared_vocab
+
+
 def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     generation_config = kwargs.get("generation_config")
     if generation_config is None and len(args) > 1:
         generation_config = args[1]
-    knobs = {name: _setting(name, kwargs, generation_config, model, default) for name, default in SMC_KNOBS.items()}
+    knobs = {name: _knob(name, kwargs, generation_config, model) for name in SMC_KNOBS}
     for name in SMC_KNOBS:  # stock generate() would reject them as unused model kwargs
         kwargs.pop(name, None)
     if knobs["smc_particles"] is None:
@@ -144,10 +203,9 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             "smc_particles is set but no draft model was given: pass assistant_model=<a small causal LM "
             "sharing the target's tokenizer>, or drop smc_particles for ordinary generation."
         )
-    _check_models(model, draft, kwargs)
+    knobs, shared_vocab = _check_request(model, draft, knobs, kwargs, generation_config)
     # do_sample=False: greedy verification of the N sampled draft chains (exact, any batch size).
     greedy = not _setting("do_sample", kwargs, generation_config, model)
-    _check_unsupported(kwargs, generation_config, model)
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(
         knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0, greedy=greedy
@@ -160,7 +218,8 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     handle = _StreamerHandle(streamer) if streamer is not None else None
     try:
         return original_generate(
-            *args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, smc_streamer=handle, **kwargs
+            *args, custom_generate=_smc_decode, smc_draft=draft, smc_knobs=knobs, smc_streamer=handle,
+            smc_vocab=shared_vocab, **kwargs
         )
     finally:
         if handle is not None:
@@ -210,61 +269,6 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         auto_threshold=knobs["smc_auto_threshold"],
         **extra,
     )
-
-
-def _check_models(target, draft, kwargs: dict) -> None:
-    for model in (target, draft):
-        if isinstance(model, torch.nn.Module):
-            compat.check_supported_model(model)  # recurrent / hybrid caches cannot be reordered
-    for name, model in (("model", target), ("assistant_model", draft)):
-        config = getattr(model, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError(
-                f"{name} is an encoder-decoder model ({type(model).__name__}); SMC-SD supports decoder-only "
-                "causal LMs (AutoModelForCausalLM). Use a decoder-only target and draft."
-            )
-    target_vocab, draft_vocab = compat.output_vocab_size(target), compat.output_vocab_size(draft)
-    if target_vocab != draft_vocab:
-        raise ValueError(
-            f"assistant_model has a vocabulary of {draft_vocab} tokens but the target has {target_vocab}: "
-            "SMC-SD weighs the draft's tokens under the target, so both must share one tokenizer and "
-            "vocabulary. Use a draft from the target's model family."
-        )
-    tokenizer, assistant_tokenizer = kwargs.get("tokenizer"), kwargs.pop("assistant_tokenizer", None)
-    if tokenizer is not None and assistant_tokenizer is not None and tokenizer.get_vocab() != assistant_tokenizer.get_vocab():
-        raise ValueError(
-            "tokenizer and assistant_tokenizer differ: SMC-SD needs a draft that shares the target's "
-            "tokenizer (universal assisted decoding across tokenizers is not supported)."
-        )
-
-
-def _check_unsupported(kwargs: dict, generation_config, model) -> None:
-    # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
-    # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
-    cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
-    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(kwargs.get("past_key_values")):
-        raise ValueError(
-            f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
-            "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
-            "Drop cache_implementation (the default dynamic cache is used)."
-        )
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError(
-            "past_key_values cannot be passed with smc_particles: SMC-SD prefills both models itself. "
-            "Pass the full prompt as input_ids instead."
-        )
-    not_supported = {
-        # transformers numbers its rows by beam; SMC-SD's rows are particles.
-        "prefix_allowed_tokens_fn": "it is called with a row index that does not name the prompt here",
-        "negative_prompt_ids": "classifier-free guidance runs the model on its own inputs",
-    }
-    for name, why in not_supported.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{name} is not supported with smc_particles ({why}); remove it.")
-    num_beams = _setting("num_beams", kwargs, generation_config, model)
-    if num_beams is not None and num_beams > 1:
-        raise ValueError(f"num_beams={num_beams} is beam search; SMC-SD samples. Use num_beams=1.")
-
 
 
 def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: int = 1):
@@ -354,6 +358,7 @@ def _smc_decode(
     smc_draft=None,
     smc_knobs=None,
     smc_streamer=None,
+    smc_vocab=None,
     **model_kwargs,
 ):
     """The `custom_generate` callable: generate() has prepared everything; run the loop."""
@@ -386,6 +391,7 @@ def _smc_decode(
         for name, m in (("model", model), ("assistant_model", smc_draft)):
             if isinstance(m, torch.nn.Module):
                 compat.check_rollback_fits(m, longest, name)
+    _check_memory(model, smc_draft, input_ids, settings, smc_knobs, smc_vocab)
     draft_temperature = settings.draft_temperature or temperature
     draft_log_probs = (
         processed_log_probs(_draft_processors(logits_processor, draft_temperature), prompt_stride=num_return)
@@ -397,8 +403,8 @@ def _smc_decode(
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
     result = smc_sample(
-        make_runner(model),
-        make_runner(smc_draft),
+        make_runner(model, smc_vocab),
+        make_runner(smc_draft, smc_vocab),
         input_ids,
         attention_mask,
         settings,
@@ -410,14 +416,70 @@ def _smc_decode(
     if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
         chosen = int(result.chosen[0, 0])
         streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
-    return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
+    output = _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
+    if generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits):
+        _add_returned_scores(output, model, input_ids, attention_mask, logits_processor, generation_config, smc_vocab)
+    return output
 
 
-def make_runner(model):
+def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, generation_config, vocab_size):
+    """`scores` / `logits` of the returned sequences, as transformers' sampling returns them:
+    per new position, the target's raw logits and the processed scores (the distribution the
+    target defines there). SMC-SD's own forwards ran on particles, blocks at a time, so they
+    are recomputed here by one forward of the target over the returned sequences (about the
+    cost of a prefill). With padded vocabularies they cover the shared ids only."""
+    if not isinstance(model, torch.nn.Module):
+        warnings.warn(
+            "output_scores / output_logits: this target is not a transformers model, so SMC-SD cannot "
+            "recompute them; the output's fields are None.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    sequences = output.sequences
+    rows, prompt_length = sequences.shape[0], prompts.shape[1]
+    new = sequences.shape[1] - prompt_length
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompts)
+    per_row = rows // prompt_mask.shape[0]  # num_return_sequences, prompt-major
+    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new)], dim=1)
+    kwargs = {"attention_mask": mask, "use_cache": False}
+    parameters = inspect.signature(model.forward).parameters
+    if "position_ids" in parameters:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() does
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = new + 1  # not the prompt's: [rows, prompt, V] can be large
+    with torch.no_grad():
+        logits = model(input_ids=sequences, **kwargs).logits[:, -(new + 1) : -1].float()
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    if generation_config.output_logits:
+        output.logits = tuple(logits[:, j] for j in range(new))
+    if generation_config.output_scores:
+        output.scores = tuple(
+            logits_processor(sequences[:, : prompt_length + j], logits[:, j].clone()) for j in range(new)
+        )
+
+
+def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, vocab_size) -> None:
+    """Refuse a request that would not fit before the runners allocate (`hf_smcsd.memory`);
+    the exact modes also hold one round of draft distributions."""
+    memory.check_fits(
+        target, draft, prompts=input_ids.shape[0], prompt_length=input_ids.shape[1], particles=settings.particles,
+        max_new_tokens=settings.max_new_tokens, gamma=settings.gamma,
+        exact_mode=settings.greedy or settings.mode != "smc", vocab_size=vocab_size,
+    )
+
+
+def make_runner(model, vocab_size: int | None = None):
     """The backend for a model: an object that brings its own runner (e.g. a compiled
-    engine) says so with a `smc_runner()` method; a transformers model gets the eager one."""
+    engine) says so with a `smc_runner()` method; a transformers model gets the eager one.
+    With `vocab_size`, its logits are cut to the ids both models share (padded widths)."""
     factory = getattr(model, "smc_runner", None)
-    return factory() if callable(factory) else EagerRunner(model)
+    runner = factory() if callable(factory) else EagerRunner(model)
+    if vocab_size is not None and vocab_size < runner.vocab_size:
+        runner = SharedVocabulary(runner, vocab_size)
+    return runner
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):

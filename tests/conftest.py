@@ -1,4 +1,7 @@
 import importlib.util
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,63 @@ import torch
 from hf_smcsd.tiny import tiny_llama
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead and nondeterminism
+
+# --- No deprecation warnings from this library's own calls (issue 10). ---
+# A FutureWarning / DeprecationWarning fails the test when the call that triggered it was made
+# by hf_smcsd. The frame a warning blames (its stacklevel) is often call plumbing (torch's
+# Module.__call__, transformers' deprecate_kwarg wrapper, a no_grad decorator): step outward
+# over those to the code that made the call. Warnings that transformers raises on its own
+# calls (a transformers frame made the call) are not ours and pass.
+LIBRARY_DIR = str(Path(__file__).resolve().parent.parent / "hf_smcsd") + os.sep
+_PLUMBING = tuple(
+    os.path.join(*parts)
+    for parts in (
+        ("torch", "nn", "modules", "module.py"),
+        ("torch", "utils", "_contextlib.py"),
+        ("transformers", "utils", "deprecation.py"),
+        ("transformers", "utils", "generic.py"),
+        ("functools.py",),
+        ("contextlib.py",),
+    )
+)
+
+
+def calling_frame(frame):
+    """The frame that made the call a warning is about: `frame` (the one the warning blames)
+    or, if that is call plumbing, the first frame outward that is not."""
+    while frame is not None and frame.f_code.co_filename.endswith(_PLUMBING):
+        frame = frame.f_back
+    return frame
+
+
+def is_library_deprecation(category, frame) -> bool:
+    if not (isinstance(category, type) and issubclass(category, (DeprecationWarning, FutureWarning))):
+        return False
+    caller = calling_frame(frame)
+    return caller is not None and os.path.abspath(caller.f_code.co_filename).startswith(LIBRARY_DIR)
+
+
+@pytest.fixture(autouse=True)
+def no_library_deprecations(monkeypatch):
+    caught = []
+    original = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, *args, **kwargs):
+        if category is None:
+            category = message.__class__ if isinstance(message, Warning) else UserWarning
+        try:
+            frame = sys._getframe(stacklevel)
+        except ValueError:
+            frame = None
+        if is_library_deprecation(category, frame):
+            caller = calling_frame(frame)
+            caught.append(f"{category.__name__} at {caller.f_code.co_filename}:{caller.f_lineno}: {message}")
+        return original(message, category, stacklevel + 1, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    yield caught
+    if caught:
+        pytest.fail("deprecation warnings from hf_smcsd's own calls:\n" + "\n".join(dict.fromkeys(caught)))
 
 
 @pytest.fixture(scope="session")

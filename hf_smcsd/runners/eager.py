@@ -58,13 +58,13 @@ class EagerRunner:
 
     @torch.no_grad()
     def _forward(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
-        kwargs = dict(attention_mask=attention_mask, past_key_values=self.cache, use_cache=True)
+        kwargs = {"attention_mask": attention_mask, compat.cache_kwarg(self.model): self.cache, "use_cache": True}
         if self._takes_position_ids:
             kwargs["position_ids"] = position_ids
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = keep
         out = self.model(input_ids=input_ids, **kwargs)
-        self.cache = out.past_key_values
+        self.cache = compat.output_cache(out)
         return out.logits[:, -keep:, :].float()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, particles: int) -> torch.Tensor:
