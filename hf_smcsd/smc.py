@@ -51,7 +51,8 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 # positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"
+_INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)  # letters of `SMCResult.round_modes`
 
 
 @dataclass
@@ -131,7 +132,7 @@ class SMCSettings:
 class SMCResult:
     """Every particle of every prompt, with the diagnostics of the run."""
 
-    tokens: torch.Tensor  # [B, N, max_new_tokens], pad after each particle's end
+    tokens: torch.Tensor  # [B, N, longest particle], pad after each particle's end
     lengths: torch.Tensor  # [B, N] new tokens per particle
     log_weights: torch.Tensor  # [B, N] final log weights (float64)
     log_z: torch.Tensor  # [B] log of the estimated normalising constant (SMC-SD rounds)
@@ -214,8 +215,10 @@ def smc_sample(
     if stream is not None and batch != 1:
         raise ValueError(f"Streaming supports one prompt at a time; got a batch of {batch}.")
     total = batch * n
-    # Room for one round past the budget, so writes at any group's clock never need clamping.
-    tokens = torch.full((total, budget + gamma + 1), pad, dtype=torch.long, device=device)
+    # Every particle's new tokens. It grows as the clocks advance (a huge max_new_tokens does
+    # not allocate up front) and keeps room for one round past the furthest clock, so writes
+    # at any group's clock never need clamping.
+    tokens = torch.full((total, min(budget, _INITIAL_TOKENS) + gamma + 1), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(total, dtype=torch.long, device=device)
     finished = torch.zeros(total, dtype=torch.bool, device=device)
     log_weights = torch.zeros(total, dtype=WEIGHT_DTYPE, device=device)
@@ -340,7 +343,10 @@ def smc_sample(
             continue  # the chosen particle may have finished: re-check which groups end
         exact_rows = exact.repeat_interleave(n)
         remaining = budget - clock[groups]  # [live] > 0
-        most = int(remaining.max())
+        most, least = torch.stack([remaining.max(), remaining.min()]).tolist()  # the round's one sync
+        if budget - least + gamma + 1 > tokens.shape[1]:
+            grown = min(budget, 2 * (tokens.shape[1] - gamma - 1)) + gamma + 1
+            tokens = torch.cat([tokens, tokens.new_full((total, grown - tokens.shape[1]), pad)], dim=1)
         k = min(gamma, most)  # the last rounds draft only what some budget can keep
         with_bonus = most > k
         saved = _Saved(log_weights[rows].clone(), lengths[rows].clone(), finished[rows].clone(), last_token,
@@ -482,12 +488,13 @@ def smc_sample(
         stream_settled()
 
     # --- End: log Z and one particle per prompt, drawn by final weight. ---
+    longest = int(lengths.max())
     final_lw = log_weights.view(batch, n)
     log_z += log_mean_weight(final_lw)
     # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
     chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
     return stats.result(
-        tokens=tokens[:, :budget].reshape(batch, n, budget),
+        tokens=tokens[:, :longest].reshape(batch, n, longest),
         lengths=lengths.view(batch, n),
         log_weights=final_lw,
         log_z=log_z,

@@ -201,3 +201,20 @@ def test_weights_equal_recompute_on_own_unpadded_sequence(pair, alpha):
                 else:  # a bonus position
                     expected += float(torch.logsumexp(alpha * lp[j], dim=-1))
             assert abs(expected - float(result.log_weights[b, i])) < 1e-3, (b, i, tokens)
+
+
+def test_huge_budget_allocates_as_tokens_come(pair):
+    """max_new_tokens=10**7 with N=64: the token buffer grows with the clocks (300 tokens here)
+    instead of 64 x 10**7 up front; the particles' tokens come back trimmed to the longest."""
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7]])
+    class StopAt300:
+        def __call__(self, sequences, width):
+            return torch.zeros(sequences.shape[0], width, dtype=torch.bool) | (sequences.shape[1] - 3 >= 300)
+
+    torch.manual_seed(0)
+    result = smc_sample(EagerRunner(target), EagerRunner(draft), ids, mask,
+                        SMCSettings(particles=64, gamma=4, max_new_tokens=10**7, eos_token_ids=[]),
+                        stop_fn=StopAt300())
+    assert result.tokens.shape[:2] == (1, 64) and result.tokens.shape[2] < 310
+    assert int(result.lengths.min()) >= 300 - 5
