@@ -226,6 +226,7 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
             for config in runnable:
                 call(config, seed + 10_000 + w)
         for r in range(repeats):
+            started = time.perf_counter()
             for config in runnable:  # interleaved: every method sees the same machine load
                 seconds, tokens, out = call(config, seed + r)
                 lengths = common.new_token_counts(tokens, stops)
@@ -234,7 +235,7 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
                 new_tokens[config].append(tokens)
                 if config.engine:
                     outputs[config].append(out)
-            log(f"bench: repeat {r + 1}/{repeats} done")
+            log(f"bench: repeat {r + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)")
 
         # One instrumented run per engine configuration: the time split per round, and new
         # tokens per prompt per target forward (its prefill, then one verify per round).

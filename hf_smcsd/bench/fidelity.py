@@ -235,7 +235,7 @@ def run_task(target, draft, tokenizer, particles, gammas, problems: int = 300, t
     settings = _with_assisted(assisted_gamma) + engine_settings(modes, gammas, particles, schedule)
     rows = []
     for setting in settings:
-        correct = 0
+        correct, started = 0, time.perf_counter()
         for start in range(0, len(chosen), batch_size):
             ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
             tokens = sample_outputs(**setting, target=target, draft=draft, input_ids=ids.to(device),
@@ -246,8 +246,10 @@ def run_task(target, draft, tokenizer, particles, gammas, problems: int = 300, t
             correct += sum(data.is_correct(a, b, t) for (a, b), t in zip(chosen[start : start + batch_size], texts))
         low, high = common.wilson_interval(correct, len(chosen))
         rows.append({**setting, "name": common.row_name(setting), "problems": len(chosen), "correct": correct,
-                     "accuracy": correct / len(chosen), "accuracy_low": low, "accuracy_high": high})
-        log(f"fidelity task: {rows[-1]['name']}: {correct}/{len(chosen)} = {correct / len(chosen):.1%}")
+                     "accuracy": correct / len(chosen), "accuracy_low": low, "accuracy_high": high,
+                     "seconds": time.perf_counter() - started})
+        log(f"fidelity task: {rows[-1]['name']}: {correct}/{len(chosen)} = {correct / len(chosen):.1%} "
+            f"({rows[-1]['seconds']:.0f} s)")
     return {"rows": rows, "temperature": temperature, "max_new_tokens": data.MAX_DIGITS + 2}
 
 
