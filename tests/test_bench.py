@@ -325,6 +325,29 @@ def test_gsm8k_answers_are_extracted_without_the_hub():
         gsm8k.gold_answer("no marker 5")
 
 
+def test_gsm8k_passes_the_engine_modes_to_the_sampler(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gsm8k", ROOT / "examples" / "gsm8k.py")
+    gsm8k = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsm8k)
+    seen = []
+
+    def sampler(method, target, draft, ids, mask, **kw):
+        seen.append((method, kw["particles"], kw["gamma"], kw["schedule"], kw["auto_threshold"], len(ids)))
+        return torch.tensor([[5, 6]] * len(ids))
+
+    class Tokenizer:
+        pad_token_id = 0
+
+        def batch_decode(self, tokens, **_):
+            return ["#### 7"] * len(tokens)
+
+    monkeypatch.setattr(gsm8k, "sample_outputs", sampler)
+    row = gsm8k.run_method("mixed", None, None, Tokenizer(), [[1, 2], [3], [4]], ["7", "8", "7"], particles=4, gamma=8,
+                           batch_size=2, schedule=(2, 1), auto_threshold=0.5, device=torch.device("cpu"))
+    assert seen == [("mixed", 4, 8, (2, 1), 0.5, 2), ("mixed", 4, 8, (2, 1), 0.5, 1)]
+    assert row["name"] == "mixed(2,1) N=4 K=8" and row["correct"] == 2 and row["new_tokens"] == 6
+
+
 def _bench_row(method, n, k, speedup, batch_size=1, available=True):
     return {"method": method, "particles": n, "gamma": k, "batch_size": batch_size, "available": available,
             "speedup_vs_target": speedup}
