@@ -359,7 +359,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
     for r in rows:
-        method = r["method"] if r["method"] != "mixed" else "mixed({},{})".format(*r["schedule"])
+        method = common.method_column(r)
         if not r["available"]:
             lines.append(f"{method:<11}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
                          f"{'n/a':>9}   unavailable: {r['note']}")

@@ -141,11 +141,7 @@ def method_name(method: str, particles=None, gamma=None, schedule=None) -> str:
     """A method's name in every table and plot: "target alone", "assisted (K=4)",
     "SMC-SD N=4 K=8", "exact N=4 K=8", "mixed(4,1) N=4 K=8", "auto N=4 K=8"."""
     if method in ENGINE_MODES:
-        if method == "mixed":
-            exact, smc = schedule or DEFAULT_SCHEDULE
-            label = f"mixed({exact},{smc})"
-        else:
-            label = "SMC-SD" if method == "smc-sd" else method
+        label = "SMC-SD" if method == "smc-sd" else _with_schedule(method, schedule)
         return f"{label} N={particles} K={gamma}"
     if method == "assisted":
         return f"assisted (K={gamma})"
@@ -154,6 +150,18 @@ def method_name(method: str, particles=None, gamma=None, schedule=None) -> str:
 
 def row_name(row: dict) -> str:
     return method_name(row["method"], row.get("particles"), row.get("gamma"), row.get("schedule"))
+
+
+def method_column(row: dict) -> str:
+    """A bench table's method column: the method, with its schedule for mixed ("mixed(4,1)")."""
+    return _with_schedule(row["method"], row.get("schedule"))
+
+
+def _with_schedule(method: str, schedule) -> str:
+    if method != "mixed":
+        return method
+    exact, smc = schedule or DEFAULT_SCHEDULE
+    return f"mixed({exact},{smc})"
 
 
 # ----------------------------------------------------------------------------- models

@@ -15,16 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from .common import ENGINE_MODES, METHOD_STYLES, pareto_front, pyplot, row_name, save_figure
+from .common import ENGINE_MODES, METHOD_STYLES, method_column, pareto_front, pyplot, row_name, save_figure
 
 
 def _f(value, spec=".1f", none="n/a"):
     return none if value is None or value != value else format(value, spec)  # None and NaN
-
-
-def _method(r) -> str:
-    """The method column of the bench table: mixed shows its schedule."""
-    return "mixed({},{})".format(*r["schedule"]) if r["method"] == "mixed" and r.get("schedule") else r["method"]
 
 
 def bench_tables(report: dict) -> str:
@@ -35,7 +30,7 @@ def bench_tables(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        method = _method(r)
+        method = method_column(r)
         if not r["available"]:
             out.append(f"| {method} | {r['batch_size']} | | {r['gamma']} | unavailable | | | | | | "
                        f"| {r['note']} |")
