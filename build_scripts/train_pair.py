@@ -2,6 +2,8 @@
 
     python build_scripts/train_pair.py                      # the committed pair (about 55 min, 1 thread)
     python build_scripts/train_pair.py --out /tmp/pair --target-steps 50 --draft-steps 50   # a quick look
+    python build_scripts/train_pair.py --target-from examples/models/target --out examples/models_weak \
+        --draft-hidden 64 --draft-intermediate 256 --draft-steps 300 --draft-task-fraction 0.2   # the weak draft (3 min)
 
 What it does, deterministically for a given `--seed` (same Python, torch and tokenizers
 versions, one thread):
@@ -30,10 +32,23 @@ versions, one thread):
      reached a lower code loss than a 4-layer target. So the draft gets far fewer steps,
      and the pair behaves like a real one: the target is the better model at both code and
      arithmetic, the draft only partly learns the task.
-4. Each model is saved in float16 (safetensors, config, generation config, tokenizer with
+4. With `--target-from DIR` only a draft is trained, for the target already in DIR: it
+   reuses that target's tokenizer (its files are copied byte for byte, so both load the same
+   one) and writes OUT/draft alone; the target is named by path in `training.json` and the
+   model card, not copied. This is how the deliberately weak draft in `examples/models_weak`
+   was made: minutes of training instead of the committed draft's seven. Measured: 1 layer,
+   hidden 64, 300 steps, 20% arithmetic (2 min) scores 0.2% greedy on held-out problems
+   (the committed draft: 76.6%), and sum min(p, q) with the committed target is 0.39 on code
+   and 0.29 on answers (the committed draft: 0.56 and 0.88); 400 steps at 40% arithmetic
+   still scored 0.0%, so at this width the task is learned late, if at all.
+5. Each model is saved in float16 (safetensors, config, generation config, tokenizer with
    `tokenizer_class: PreTrainedTokenizerFast` so that transformers 4.57 and 5.x both load
    it), reloaded, and evaluated: held-out code loss (nats per token) and greedy accuracy on
-   held-out problems. `training.json` next to the models records the settings and results.
+   held-out problems. `training.json` next to the models records the settings and results,
+   and how closely the draft follows the target: the mean of sum_v min(p(v), q(v)) over
+   held-out positions at temperature 0.7 (the chance that speculative sampling accepts a
+   draft token; 1 - the total variation between the two next-token distributions), on code
+   and on the answers of held-out problems.
 """
 
 from __future__ import annotations
@@ -289,6 +304,58 @@ def save_tokenizer(tokenizer, directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file())
 
 
+# What `save_tokenizer` writes (4.57 adds special_tokens_map.json): the files a draft trained
+# for an existing target copies from it, so that both load one tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def target_tokenizer(directory: Path):
+    """(tokenizer, its files) of the saved target in `directory`, for training a draft to it."""
+    from transformers import AutoTokenizer
+
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not (directory / "tokenizer.json").is_file() or not (directory / "config.json").is_file():
+        raise ValueError(f"--target-from={str(directory)!r}: no saved model with a tokenizer.json there; pass the "
+                         "directory of a target written by this script (e.g. examples/models/target)")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+    if vocab != len(tokenizer):
+        raise ValueError(f"--target-from={str(directory)!r}: the model's vocab_size ({vocab}) differs from its "
+                         f"tokenizer's {len(tokenizer)} tokens; a draft must share the target's vocabulary")
+    return tokenizer, files
+
+
+@torch.no_grad()
+def acceptance_rate(target, draft, sequences: torch.Tensor, positions: torch.Tensor, temperature: float = 0.7,
+                    batch_size: int = 16) -> float:
+    """Mean over the `positions` ([S, L] bool) of `sequences` ([S, L]) of sum_v min(p(v), q(v)),
+    p and q the target's and the draft's next-token distributions at `temperature`: the
+    chance that speculative sampling accepts a draft token there (1 - their total variation)."""
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = sequences[i : i + batch_size].long(), positions[i : i + batch_size]
+        p = torch.softmax(target(input_ids=ids).logits.float() / temperature, dim=-1)[mask]
+        q = torch.softmax(draft(input_ids=ids).logits.float() / temperature, dim=-1)[mask]
+        total += float(torch.minimum(p, q).sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def pair_acceptance(target, draft, stream: torch.Tensor, task_ids: dict[str, int], eos_id: int,
+                    problems: list[tuple[int, int]], seq_len: int, windows: int) -> dict:
+    """`acceptance_rate` on held-out code windows (every position) and on held-out problems
+    (the positions that predict the answer's digits and its newline)."""
+    span = max(0, len(stream) - seq_len)
+    starts = [int(i * span / max(1, windows - 1)) for i in range(windows)]
+    code = torch.stack([stream[s : s + seq_len] for s in starts])
+    lines = torch.tensor([[eos_id] + [task_ids[c] for c in data.problem_line(a, b)] for a, b in problems])
+    answer = torch.zeros_like(lines, dtype=torch.bool)
+    equals = 1 + 2 * data.MAX_DIGITS + 1  # index of "=" after EOS, "aaa" and "+bbb"
+    answer[:, equals : equals + data.MAX_DIGITS + 1] = True  # predict the answer's digits and the newline
+    return {"acceptance_code": acceptance_rate(target, draft, code, torch.ones_like(code, dtype=torch.bool)),
+            "acceptance_task": acceptance_rate(target, draft, lines, answer)}
+
+
 def save_half(model, tokenizer_files: list[Path], directory: Path) -> None:
     """The model in float16 (safetensors) with its config, generation config and tokenizer."""
     if directory.exists():
@@ -314,15 +381,30 @@ def directory_mb(directory: Path) -> float:
 
 
 def write_model_card(out: Path, report: dict) -> Path:
-    """examples/models/README.md: what the pair is, how it was made, how well it does."""
-    lines = [
-        "# The committed model pair",
-        "",
-        "A small target and draft that share one tokenizer, trained offline by",
-        "`build_scripts/train_pair.py` on the Python standard library's source and on `a+b=c`",
-        "arithmetic (operands of 1 to 3 digits, written at fixed width: `007+045=0052`). They are for",
-        "the offline demo, the benchmark and the fidelity harness of hf-smcsd; they write Python-like",
-        "code, not English.",
+    """OUT/README.md: what the models are, how they were made, how well they do."""
+    target_from = report["args"].get("target_from")
+    if target_from:
+        intro = [
+            "# A draft for an existing target",
+            "",
+            f"A draft trained by `build_scripts/train_pair.py --target-from {target_from}` for the target in",
+            f"`{target_from}`, with that target's tokenizer (copied) on the same data: the Python standard",
+            "library's source and `a+b=c` arithmetic (operands of 1 to 3 digits, written at fixed width:",
+            "`007+045=0052`). The target is not copied here; use the pair as",
+            f"`--target {target_from} --draft {out.as_posix()}/draft`.",
+        ]
+    else:
+        intro = [
+            "# The committed model pair",
+            "",
+            "A small target and draft that share one tokenizer, trained offline by",
+            "`build_scripts/train_pair.py` on the Python standard library's source and on `a+b=c`",
+            "arithmetic (operands of 1 to 3 digits, written at fixed width: `007+045=0052`). They are for",
+            "the offline demo, the benchmark and the fidelity harness of hf-smcsd; they write Python-like",
+            "code, not English.",
+        ]
+    dash = lambda value, fmt="{}": "-" if value is None else fmt.format(value)  # noqa: E731
+    lines = intro + [
         "",
         f"Command: `{report['command'].strip()}` "
         f"({report['wall_seconds'] / 60:.0f} min wall time, {report['args']['threads']} thread(s); "
@@ -334,15 +416,25 @@ def write_model_card(out: Path, report: dict) -> Path:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in report["models"].items():
+        checkpoint = f"{m['checkpoint_mb']:.1f} MB" if m.get("checkpoint_mb") is not None else f"`{m['path']}`"
         lines.append(
-            f"| {name} | {m['parameters'] / 1e6:.2f}M | {m['layers']} | {m['hidden']} | {m['steps']} "
-            f"| {m['task_fraction']:.0%} | {m['heldout_code_loss']:.3f} "
-            f"| {m['heldout_task_accuracy']:.1%} of {m['heldout_task_problems']} | {m['checkpoint_mb']:.1f} MB |"
+            f"| {name} | {m['parameters'] / 1e6:.2f}M | {m['layers']} | {m['hidden']} | {dash(m.get('steps'))} "
+            f"| {dash(m.get('task_fraction'), '{:.0%}')} | {m['heldout_code_loss']:.3f} "
+            f"| {m['heldout_task_accuracy']:.1%} of {m['heldout_task_problems']} | {checkpoint} |"
         )
+    draft = report["models"].get("draft", {})
+    if "acceptance_task" in draft:
+        lines += [
+            "",
+            "How closely the draft follows the target: the mean over held-out positions of",
+            "sum_v min(p(v), q(v)) at temperature 0.7 (the chance that speculative sampling accepts a",
+            f"draft token): {draft['acceptance_code']:.3f} on code, {draft['acceptance_task']:.3f} on the answers "
+            "of the held-out problems.",
+        ]
     lines += [
         "",
-        f"Tokenizer: byte-level BPE, {report['args']['vocab_size']} tokens, digits split one by one; "
-        "`<|endoftext|>` (id 0) is BOS/EOS, `<|pad|>` (id 1) pads, on the left. Arithmetic prompts",
+        f"Tokenizer: byte-level BPE, {report.get('tokenizer_tokens', report['args']['vocab_size'])} tokens, digits split "
+        "one by one; `<|endoftext|>` (id 0) is BOS/EOS, `<|pad|>` (id 1) pads, on the left. Arithmetic prompts",
         "look like `<|endoftext|>123+045=` and the answer (`0168`) ends at the newline. Weights are stored in",
         "float16; load them in float32 on a CPU (`dtype=torch.float32`). Every 50th standard-library",
         "file and a fixed 1-in-20 subset of all problems were held out (`hf_smcsd/bench/data.py`).",
@@ -386,7 +478,16 @@ def parse_args(argv):
     p.add_argument("--draft-task-fraction", type=float, default=0.4, help="share of arithmetic sequences")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out code windows for the loss")
     p.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the accuracy")
+    p.add_argument("--target-from", default=None,
+                   help="train only a draft, for the target saved in this directory (e.g. examples/models/target): "
+                   "its tokenizer is reused (--vocab-size and the --target-* options are ignored) and OUT/draft "
+                   "is written alone")
     args = p.parse_args(argv)
+    if args.target_from is not None:
+        target = Path(args.target_from)
+        if not ((target / "config.json").is_file() and (target / "tokenizer.json").is_file()):
+            p.error(f"--target-from={args.target_from!r}: no saved model with a tokenizer.json there; pass the "
+                    "directory of a target written by this script (e.g. examples/models/target)")
     for name in ("vocab_size", "seq_len", "batch_size", "target_steps", "draft_steps", "eval_windows",
                  "eval_problems", "target_layers", "draft_layers", "max_positions"):
         if getattr(args, name) < 1:
@@ -418,17 +519,26 @@ def main(argv=None) -> int:
           f"{len(heldout_files)} held out, from {data.stdlib_root() if args.stdlib is None else args.stdlib}", flush=True)
 
     start = time.perf_counter()
-    task_sample = data.task_text(random.Random(args.seed), 200_000)  # digits and signs in the vocabulary
-    tokenizer = train_tokenizer(train_texts + [task_sample], args.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_files = save_tokenizer(tokenizer, out / ".tokenizer")
+    target_from = Path(args.target_from) if args.target_from else None
+    if target_from is not None:  # one tokenizer for both: the target's own files
+        try:
+            tokenizer, tokenizer_files = target_tokenizer(target_from)
+        except ValueError as error:
+            print(f"train_pair.py: error: {error}", file=sys.stderr)
+            return 2
+    else:
+        task_sample = data.task_text(random.Random(args.seed), 200_000)  # digits and signs in the vocabulary
+        tokenizer = train_tokenizer(train_texts + [task_sample], args.vocab_size)
+        tokenizer_files = save_tokenizer(tokenizer, out / ".tokenizer")
     task_ids = task_token_map(tokenizer)
     eos_id, pad_id = tokenizer.convert_tokens_to_ids(data.EOS), tokenizer.convert_tokens_to_ids(data.PAD)
     train_stream = encode_stream(tokenizer, train_texts)
     heldout_stream = encode_stream(tokenizer, heldout_texts)
     tokenizer_seconds = time.perf_counter() - start
-    print(f"tokenizer: {len(tokenizer)} tokens; code stream {len(train_stream) / 1e6:.2f}M tokens for training, "
-          f"{len(heldout_stream) / 1e3:.0f}k held out ({tokenizer_seconds:.0f} s)", flush=True)
+    print(f"tokenizer: {len(tokenizer)} tokens{f' (from {target_from})' if target_from else ''}; code stream "
+          f"{len(train_stream) / 1e6:.2f}M tokens for training, {len(heldout_stream) / 1e3:.0f}k held out "
+          f"({tokenizer_seconds:.0f} s)", flush=True)
 
     problems = data.heldout_problems(args.eval_problems, seed=args.seed + 1234)
     report = {
@@ -439,8 +549,28 @@ def main(argv=None) -> int:
         "corpus": {"train_files": len(train_files), "heldout_files": len(heldout_files),
                    "train_tokens": len(train_stream), "heldout_tokens": len(heldout_stream)},
         "tokenizer_seconds": tokenizer_seconds,
+        "tokenizer_tokens": len(tokenizer),
         "models": {},
     }
+
+    def evaluate(model) -> dict:
+        loss = heldout_loss(model, heldout_stream, args.seq_len, args.eval_windows)
+        accuracy = task_accuracy(model, tokenizer, problems)
+        return {"heldout_code_loss": loss, "heldout_task_accuracy": accuracy, "heldout_task_problems": len(problems)}
+
+    if target_from is not None:  # named, not copied; measured on the same held-out data as the draft
+        config = json.loads((target_from / "config.json").read_text())
+        target_model = load_float32(target_from)
+        entry = {"path": target_from.as_posix(), "parameters": sum(p.numel() for p in target_model.parameters()),
+                 "layers": config["num_hidden_layers"], "hidden": config["hidden_size"], **evaluate(target_model)}
+        trained = target_from.parent / "training.json"
+        if trained.is_file():  # how it was trained, when its own record is next to it
+            recorded = json.loads(trained.read_text()).get("models", {}).get(target_from.name, {})
+            entry.update({k: recorded[k] for k in ("steps", "task_fraction", "lr") if k in recorded})
+        report["models"]["target"] = entry
+        del target_model
+        print(f"target (not retrained): {target_from}, greedy task accuracy {entry['heldout_task_accuracy']:.1%}",
+              flush=True)
     specs = {
         "target": dict(layers=args.target_layers, hidden=args.target_hidden, intermediate=args.target_intermediate,
                        heads=args.target_heads, kv_heads=args.target_kv_heads, steps=args.target_steps,
@@ -449,6 +579,8 @@ def main(argv=None) -> int:
                       heads=args.draft_heads, kv_heads=args.draft_kv_heads, steps=args.draft_steps,
                       lr=args.draft_lr, task_fraction=args.draft_task_fraction, seed=args.seed * 10 + 2),
     }
+    if target_from is not None:
+        del specs["target"]
     for name, spec in specs.items():
         model = build_model(len(tokenizer), spec["layers"], spec["hidden"], spec["intermediate"], spec["heads"],
                             spec["kv_heads"], eos_id, pad_id, spec["seed"], args.max_positions)
@@ -462,19 +594,26 @@ def main(argv=None) -> int:
         save_half(model, tokenizer_files, directory)
         del model
         reloaded = load_float32(directory)  # evaluate what was saved (float16 weights)
-        loss = heldout_loss(reloaded, heldout_stream, args.seq_len, args.eval_windows)
-        accuracy = task_accuracy(reloaded, tokenizer, problems)
+        entry = {"parameters": params, **spec, **stats, **evaluate(reloaded), "checkpoint_mb": directory_mb(directory)}
+        loss, accuracy = entry["heldout_code_loss"], entry["heldout_task_accuracy"]
         stderr = math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / len(problems))
-        entry = {"parameters": params, **spec, **stats, "heldout_code_loss": loss, "heldout_task_accuracy": accuracy,
-                 "heldout_task_problems": len(problems), "checkpoint_mb": directory_mb(directory)}
         report["models"][name] = entry
         print(f"{name}: held-out code loss {loss:.3f} nats/token, greedy task accuracy {accuracy:.1%} "
               f"(+-{1.96 * stderr:.1%}, {len(problems)} held-out problems), trained in {stats['train_seconds'] / 60:.1f} min "
               f"at {stats['train_tokens_per_s']:.0f} tokens/s, checkpoint {entry['checkpoint_mb']:.1f} MB", flush=True)
 
-    shutil.rmtree(out / ".tokenizer")
+    # How often speculative sampling would accept this draft's tokens for this target.
+    target_model = load_float32(target_from if target_from is not None else out / "target")
+    acceptance = pair_acceptance(target_model, load_float32(out / "draft"), heldout_stream, task_ids, eos_id,
+                                 problems, args.seq_len, args.eval_windows)
+    report["models"]["draft"].update(acceptance)
+    print(f"draft against target: sum min(p, q) at T=0.7 {acceptance['acceptance_code']:.3f} on held-out code, "
+          f"{acceptance['acceptance_task']:.3f} on held-out answers", flush=True)
+
+    if target_from is None:
+        shutil.rmtree(out / ".tokenizer")
     report["wall_seconds"] = time.perf_counter() - wall
-    report["total_mb"] = sum(m["checkpoint_mb"] for m in report["models"].values())
+    report["total_mb"] = sum(m.get("checkpoint_mb") or 0.0 for m in report["models"].values())
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     write_model_card(out, report)
     print(f"done in {report['wall_seconds'] / 60:.1f} min; {report['total_mb']:.1f} MB in {out}; "

@@ -9,6 +9,7 @@ for users who have both; the offline equivalent on the committed small pair is
     python examples/gsm8k.py --target meta-llama/Llama-3.1-8B-Instruct \\
         --draft meta-llama/Llama-3.2-1B-Instruct --device cuda --dtype bfloat16 \\
         --limit 500 --particles 4,8,12 --gammas 4,8 --batch-size 16
+    python examples/gsm8k.py ... --modes smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 --gammas 8   # the engine's modes
 
 For every method: accuracy on the first `--limit` test problems with a Wilson 95% interval,
 and generation speed in new tokens/s (generated tokens up to EOS over the wall time of the
@@ -32,11 +33,11 @@ import torch
 
 from hf_smcsd.bench import common
 from hf_smcsd.bench.bench import left_pad
-from hf_smcsd.bench.fidelity import sample_outputs
+from hf_smcsd.bench.fidelity import engine_settings, sample_outputs
 
 INSTRUCTION = ("Solve the following math problem step by step. End your answer with a line of the form "
                "'#### <number>'.\n\n")
-COLUMNS = ["method", "particles", "gamma", "problems", "correct", "accuracy", "accuracy_low", "accuracy_high",
+COLUMNS = ["name", "method", "particles", "gamma", "schedule", "problems", "correct", "accuracy", "accuracy_low", "accuracy_high",
            "new_tokens", "seconds", "tokens_per_s", "speedup_vs_target"]
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -98,7 +99,8 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def run_method(method, target, draft, tokenizer, prompts, golds, *, particles=None, gamma=None, batch_size=8,
-               max_new_tokens=512, temperature=0.7, stops=(), seed=0, device=None):
+               max_new_tokens=512, temperature=0.7, stops=(), seed=0, device=None, schedule=None,
+               auto_threshold=None):
     per_call = 1 if method == "assisted" else batch_size
     correct, new_tokens, seconds = 0, 0, 0.0
     for start in range(0, len(prompts), per_call):
@@ -107,7 +109,8 @@ def run_method(method, target, draft, tokenizer, prompts, golds, *, particles=No
         begin = time.perf_counter()
         tokens = sample_outputs(method, target, draft, ids.to(device), mask.to(device), particles=particles,
                                 gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
-                                pad_id=tokenizer.pad_token_id, seed=seed + start).cpu()
+                                pad_id=tokenizer.pad_token_id, seed=seed + start, schedule=schedule,
+                                auto_threshold=auto_threshold).cpu()
         common.synchronize(device)
         seconds += time.perf_counter() - begin
         lengths = common.new_token_counts(tokens, list(stops))
@@ -115,7 +118,8 @@ def run_method(method, target, draft, tokenizer, prompts, golds, *, particles=No
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         correct += sum(predicted_answer(t) == g for t, g in zip(texts, golds[start : start + per_call]))
     low, high = common.wilson_interval(correct, len(prompts))
-    return {"method": method, "particles": particles, "gamma": gamma, "problems": len(prompts), "correct": correct,
+    return {"method": method, "particles": particles, "gamma": gamma, "schedule": schedule,
+            "name": common.method_name(method, particles, gamma, schedule), "problems": len(prompts), "correct": correct,
             "accuracy": correct / len(prompts), "accuracy_low": low, "accuracy_high": high,
             "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else None}
 
@@ -128,8 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=200, help="first N test problems")
     parser.add_argument("--particles", default="4,8,12")
     parser.add_argument("--gammas", default="8")
+    common.add_mode_arguments(parser)
     parser.add_argument("--assisted-gamma", default="default", help="an int, or 'default' (transformers' own)")
-    parser.add_argument("--batch-size", type=int, default=8, help="problems per call (target alone and SMC-SD)")
+    parser.add_argument("--batch-size", type=int, default=8, help="problems per call (target alone and the engine's methods)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--out-dir", default="results")
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     try:
         particles = common.parse_int_list(args.particles, "--particles")
         gammas = common.parse_int_list(args.gammas, "--gammas")
+        modes = common.parse_modes(args.modes, particles)
+        schedule = common.parse_schedule(args.mixed_schedule)
         assisted_gamma = (args.assisted_gamma if args.assisted_gamma == "default"
                           else common.parse_int_list(args.assisted_gamma, "--assisted-gamma")[0])
         if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
@@ -155,15 +162,16 @@ def main(argv=None) -> int:
     prompts = [build_prompt(tokenizer, q) for q, _ in problems]
     golds = [g for _, g in problems]
     stops = stop_ids(target, tokenizer)
-    settings = [("target", None, None), ("assisted", None, assisted_gamma)]
-    settings += [("smc-sd", n, k) for k in gammas for n in particles]
+    settings = [{"method": "target"}, {"method": "assisted", "gamma": assisted_gamma}]
+    settings += engine_settings(modes, gammas, particles, schedule)
     rows = []
-    for method, n, k in settings:
-        row = run_method(method, target, draft, tokenizer, prompts, golds, particles=n, gamma=k,
+    for setting in settings:
+        row = run_method(**setting, target=target, draft=draft, tokenizer=tokenizer, prompts=prompts, golds=golds,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, stops=stops, seed=args.seed, device=device)
+                         temperature=args.temperature, stops=stops, seed=args.seed, device=device,
+                         auto_threshold=args.auto_threshold)
         rows.append(row)
-        print(f"{method:<9} N={n} K={k}: accuracy {row['accuracy']:.1%} [{row['accuracy_low']:.1%}, "
+        print(f"{row['name']}: accuracy {row['accuracy']:.1%} [{row['accuracy_low']:.1%}, "
               f"{row['accuracy_high']:.1%}] ({row['correct']}/{row['problems']}), {row['tokens_per_s']:.1f} tokens/s",
               flush=True)
     for row in rows:

@@ -70,6 +70,9 @@ def test_bench_counts_new_tokens_per_target_forward(rows):
         elif r["method"] == "assisted" and r["available"]:
             upper = 3 if r["gamma"] == 2 else 21  # "default": up to 20 draft tokens per block
             assert 1.0 <= r["tokens_per_target_call"] <= upper, r
+        elif r["method"] == "smc-sd":
+            # The target's prefill gives the first token, then each round K+1=3: 5 tokens in 1 + 2 forwards.
+            assert r["tokens_per_target_call"] == pytest.approx(5 / 3)
         else:
             assert r.get("tokens_per_target_call") is None
 
@@ -322,6 +325,29 @@ def test_gsm8k_answers_are_extracted_without_the_hub():
         gsm8k.gold_answer("no marker 5")
 
 
+def test_gsm8k_passes_the_engine_modes_to_the_sampler(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gsm8k", ROOT / "examples" / "gsm8k.py")
+    gsm8k = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsm8k)
+    seen = []
+
+    def sampler(method, target, draft, ids, mask, **kw):
+        seen.append((method, kw["particles"], kw["gamma"], kw["schedule"], kw["auto_threshold"], len(ids)))
+        return torch.tensor([[5, 6]] * len(ids))
+
+    class Tokenizer:
+        pad_token_id = 0
+
+        def batch_decode(self, tokens, **_):
+            return ["#### 7"] * len(tokens)
+
+    monkeypatch.setattr(gsm8k, "sample_outputs", sampler)
+    row = gsm8k.run_method("mixed", None, None, Tokenizer(), [[1, 2], [3], [4]], ["7", "8", "7"], particles=4, gamma=8,
+                           batch_size=2, schedule=(2, 1), auto_threshold=0.5, device=torch.device("cpu"))
+    assert seen == [("mixed", 4, 8, (2, 1), 0.5, 2), ("mixed", 4, 8, (2, 1), 0.5, 1)]
+    assert row["name"] == "mixed(2,1) N=4 K=8" and row["correct"] == 2 and row["new_tokens"] == 6
+
+
 def _bench_row(method, n, k, speedup, batch_size=1, available=True):
     return {"method": method, "particles": n, "gamma": k, "batch_size": batch_size, "available": available,
             "speedup_vs_target": speedup}
@@ -371,3 +397,180 @@ def test_speed_vs_accuracy_join_and_front(tmp_path, capsys, monkeypatch):
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 0
     assert markdown.main([str(paths[0]), "--plot"]) == 2
+
+
+# ----------------------------------------------------------------------------- the engine's modes as methods
+
+def test_modes_schedules_knobs_and_names():
+    assert common.parse_modes("smc", [1, 2]) == [("smc-sd", [1, 2])]
+    assert common.parse_modes("smc:4/8, exact:1/4/8,mixed,auto:2", [3]) == [
+        ("smc-sd", [4, 8]), ("exact", [1, 4, 8]), ("mixed", [3]), ("auto", [2])]
+    for bad, says in (("fast", "unknown mode"), ("exact:0", "--modes"), ("smc,smc:4", "named twice"), ("", "--modes")):
+        with pytest.raises(ValueError, match=says):
+            common.parse_modes(bad, [1])
+    assert common.parse_schedule("4,1") == (4, 1) and common.parse_schedule("0,2") == (0, 2)
+    for bad in ("4", "a,1", "0,0", "-1,2", "1,2,3"):
+        with pytest.raises(ValueError, match="--mixed-schedule"):
+            common.parse_schedule(bad)
+    assert common.engine_knobs("smc-sd") == {}  # the default mode: nothing passed, runs on any version
+    assert common.engine_knobs("exact") == {"smc_mode": "exact"}
+    assert common.engine_knobs("mixed", (2, 3)) == {"smc_mode": "mixed", "smc_schedule": (2, 3)}
+    assert common.engine_knobs("mixed") == {"smc_mode": "mixed", "smc_schedule": (4, 1)}
+    assert common.engine_knobs("auto", auto_threshold=0.8) == {"smc_mode": "auto", "smc_auto_threshold": 0.8}
+    assert common.engine_knobs("auto") == {"smc_mode": "auto"}
+    with pytest.raises(ValueError, match="engine"):
+        common.engine_knobs("assisted")
+    assert [common.method_name(*a) for a in [("smc-sd", 4, 8), ("exact", 1, 4), ("mixed", 4, 8, (4, 1)),
+                                             ("auto", 8, 8), ("assisted", None, "default"), ("target",)]] == [
+        "SMC-SD N=4 K=8", "exact N=1 K=4", "mixed(4,1) N=4 K=8", "auto N=8 K=8", "assisted (K=default)",
+        "target alone"]
+
+
+def engine_stand_in(generate, calls):
+    """A generate() that records the engine's mode knobs it is given and runs SMC-SD in their
+    place: the harnesses' plumbing is tested here, the modes themselves in the library's tests."""
+
+    def stand_in(*args, **kwargs):
+        knobs = {k: kwargs.pop(k) for k in ("smc_mode", "smc_schedule", "smc_auto_threshold") if k in kwargs}
+        if kwargs.get("smc_particles") is not None:
+            calls.append((knobs, kwargs["smc_particles"], kwargs["smc_gamma"], len(kwargs.get("input_ids", args[-1:]))))
+        return generate(*args, **kwargs)
+
+    return stand_in
+
+
+MODES = [("smc-sd", [2]), ("exact", [1, 2]), ("mixed", [2]), ("auto", [2])]
+
+
+def test_bench_runs_every_engine_mode_with_its_knobs(models, monkeypatch):
+    target, draft = models
+    calls = []
+    monkeypatch.setattr(target, "generate", engine_stand_in(target.generate, calls))
+    rows = bench.run_bench(target, draft, PROMPTS, pad_id=0, batch_sizes=[1, 2], particles=[9], gammas=[2, 3],
+                           assisted_gammas=[2], max_new_tokens=4, repeats=1, warmup=0, log=lambda *_: None,
+                           modes=MODES, schedule=(2, 1), auto_threshold=0.7)
+    engine = [r for r in rows if r["method"] in common.ENGINE_MODES]
+    names = [r["name"] for r in engine if r["batch_size"] == 1]
+    assert names == ["SMC-SD N=2 K=2", "SMC-SD N=2 K=3", "exact N=1 K=2", "exact N=1 K=3", "exact N=2 K=2",
+                     "exact N=2 K=3", "mixed(2,1) N=2 K=2", "mixed(2,1) N=2 K=3", "auto N=2 K=2", "auto N=2 K=3"]
+    assert len(engine) == 2 * len(names)
+    # Each setting reached generate() with its own knobs: timed, instrumented (no loglik call).
+    expected = {"smc-sd": {}, "exact": {"smc_mode": "exact"}, "mixed": {"smc_mode": "mixed", "smc_schedule": (2, 1)},
+                "auto": {"smc_mode": "auto", "smc_auto_threshold": 0.7}}
+    for r in engine:
+        made = [c for c in calls if c[1:] == (r["particles"], r["gamma"], r["batch_size"])
+                and c[0] == expected[r["method"]]]
+        assert len(made) == 2, r["name"]  # one timed repeat, one instrumented run
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 4 * r["batch_size"]
+        assert r["speedup_vs_target"] > 0 and 1 <= r["tokens_per_target_call"] <= r["gamma"] + 1
+        assert r["ms_per_round_verify"] > 0 and r["ms_per_round_rollback"] == 0  # SMC-SD stands in: no rollback
+    assert {r["schedule"] for r in engine if r["method"] == "mixed"} == {(2, 1)}
+    assert {r["auto_threshold"] for r in engine if r["method"] == "auto"} == {0.7}
+    summary = bench.summarize(rows)
+    assert set(summary["1"]["fastest_by_method"]) == {"smc-sd", "exact", "mixed", "auto"}
+    fastest_exact = max((r for r in engine if r["method"] == "exact" and r["batch_size"] == 2),
+                        key=lambda r: r["tokens_per_s"])
+    assert summary["2"]["fastest_by_method"]["exact"]["name"] == fastest_exact["name"]
+    text = bench.format_table(rows)
+    assert "mixed(2,1)" in text and text.count("\nexact ") == 8
+
+
+def test_timed_runner_books_rollback_and_forwards_the_rest():
+    class Inner:
+        vocab_size = 7
+        tables = "the inner runner's own attribute"
+
+        def __init__(self):
+            self.dropped = None
+
+        def rollback(self, drop):
+            self.dropped = drop
+
+    inner, timer = Inner(), common.Timer(torch.device("cpu"))
+    runner = common.TimedRunner(inner, timer, "verify")
+    runner.rollback(torch.tensor([0, 2]))
+    assert inner.dropped.tolist() == [0, 2] and timer.calls == {"rollback": 1}
+    assert runner.tables == Inner.tables
+    split = common.time_split(timer, total_seconds=1.0, rounds=1)
+    assert split["ms_per_round_rollback"] == pytest.approx(1000 * timer.seconds["rollback"])
+
+
+@pytest.mark.skipif("smc_mode" not in hf_smcsd.generate.SMC_KNOBS, reason="this version has no smc_mode yet")
+def test_bench_runs_the_real_modes(models):
+    target, draft = models
+    rows = bench.run_bench(target, draft, PROMPTS, pad_id=0, batch_sizes=[1, 2], particles=[2], gammas=[2],
+                           assisted_gammas=[2], max_new_tokens=5, repeats=1, warmup=0, log=lambda *_: None,
+                           modes=[("exact", [1, 2]), ("mixed", [2]), ("auto", [2])])
+    for r in rows:
+        if r["method"] in common.ENGINE_MODES:
+            assert r["new_tokens"] == 5 * r["batch_size"] and r["tokens_per_s"] > 0
+            assert 1 <= r["tokens_per_target_call"] <= 3 and r["ms_per_round_verify"] > 0
+
+
+def test_fidelity_cli_runs_every_engine_mode_with_its_knobs(saved_pair, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fidelity, "smc_generate",
+                        lambda target, draft, ids, **kw: engine_stand_in(
+                            lambda *a, **k: hf_smcsd.smc_generate(target, draft, *a, **k), calls)(ids, **kw))
+    monkeypatch.setattr(data, "code_prompts", lambda count, **_: ["def f(x):\n", "import os\n"][:count])
+    out = tmp_path / "out"
+    argv = ["--target", str(saved_pair / "target"), "--draft", str(saved_pair / "draft"), "--sections",
+            "exact,task,loglik", "--modes", "smc:2,exact:1/2,mixed,auto", "--particles", "3", "--gammas", "2",
+            "--exact-particles", "4", "--exact-gammas", "1", "--exact-samples", "40", "--exact-assisted-samples", "5",
+            "--exact-new-tokens", "2", "--mixed-schedule", "2,1", "--auto-threshold", "0.6", "--problems", "6",
+            "--loglik-prompts", "2", "--loglik-seeds", "1", "--loglik-new-tokens", "3", "--out-dir", str(out)]
+    assert fidelity.main(argv) == 0
+    report = json.loads((out / "fidelity.json").read_text())
+    engine = ["SMC-SD N=2 K=2", "exact N=1 K=2", "exact N=2 K=2", "mixed(2,1) N=3 K=2", "auto N=3 K=2"]
+    for section in ("task", "loglik"):
+        assert [r["name"] for r in report[section]["rows"]] == ["target alone", "draft alone", "assisted (K=4)", *engine]
+    # The exact section's grid: --exact-particles where a mode names none, K from --exact-gammas.
+    assert [r["name"] for r in report["exact"]["rows"]][3:] == [
+        "SMC-SD N=2 K=1", "exact N=1 K=1", "exact N=2 K=1", "mixed(2,1) N=4 K=1", "auto N=4 K=1"]
+    assert {tuple(sorted(c[0].items())) for c in calls} == {
+        (), (("smc_mode", "exact"),), (("smc_mode", "mixed"), ("smc_schedule", (2, 1))),
+        (("smc_auto_threshold", 0.6), ("smc_mode", "auto"))}
+    task = {r["name"]: r for r in report["task"]["rows"]}
+    assert task["mixed(2,1) N=3 K=2"]["schedule"] == [2, 1] and task["exact N=2 K=2"]["problems"] == 6
+    with open(out / "fidelity_task.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)][3:] == engine
+    from hf_smcsd.bench import report as markdown
+
+    tables = markdown.fidelity_tables(report)
+    for name in engine:
+        assert f"| {name} |" in tables
+
+
+def test_speed_vs_accuracy_joins_modes_by_schedule():
+    from hf_smcsd.bench import report as markdown
+
+    bench_report = {"summary": {}, "rows": [
+        _bench_row("target", None, None, 1.0), _bench_row("exact", 4, 8, 1.3),
+        {**_bench_row("mixed", 4, 8, 1.9), "schedule": [1, 1]}, {**_bench_row("mixed", 4, 8, 1.6), "schedule": [4, 1]},
+        _bench_row("auto", 4, 8, 1.7), _bench_row("smc-sd", 4, 8, 2.0)]}
+    task = {"task": {"rows": [
+        _task_row("target", None, None, 0.96), _task_row("exact", 4, 8, 0.96),
+        {**_task_row("mixed", 4, 8, 0.93), "schedule": [4, 1]}, _task_row("auto", 4, 8, 0.90),
+        _task_row("smc-sd", 4, 8, 0.85)]}}  # no accuracy for mixed(1,1): not joined
+    joined = markdown.speed_vs_accuracy([bench_report], [task])
+    names = [markdown._name(r) for r in joined]
+    assert names == ["SMC-SD N=4 K=8", "auto N=4 K=8", "mixed(4,1) N=4 K=8", "exact N=4 K=8", "target alone"]
+    assert joined[2]["speedup_vs_target"] == 1.6 and joined[2]["accuracy"] == 0.93
+    assert [r["pareto"] for r in joined] == [True, True, True, True, False]  # exact: as accurate and faster
+    table = markdown.speed_vs_accuracy_table(joined)
+    assert "| mixed(4,1) N=4 K=8 | 1.60 | 93.0% |" in table
+
+
+def test_bench_tables_show_modes_and_the_fastest_of_each(models, monkeypatch):
+    from hf_smcsd.bench import report as markdown
+
+    target, draft = models
+    monkeypatch.setattr(target, "generate", engine_stand_in(target.generate, []))
+    rows = bench.run_bench(target, draft, PROMPTS, pad_id=0, batch_sizes=[1], particles=[2], gammas=[2],
+                           assisted_gammas=[2], max_new_tokens=3, repeats=1, warmup=0, log=lambda *_: None,
+                           modes=[("exact", [2]), ("mixed", [2])], schedule=(3, 1))
+    tables = markdown.bench_tables(json.loads(json.dumps(common._jsonable({"summary": bench.summarize(rows),
+                                                                           "rows": rows}))))
+    assert "| mixed(3,1) | 1 | 2 | 2 |" in tables and "| exact | 1 | 2 | 2 |" in tables
+    assert "| 1 | exact | exact N=2 K=2 |" in tables and "| 1 | mixed | mixed(3,1) N=2 K=2 |" in tables
+    assert "| 1 | n/a | | |" not in tables  # no SMC-SD row: the summary says n/a in its own columns

@@ -177,6 +177,73 @@ def test_training_end_to_end_is_deterministic(train_pair, tmp_path):
     assert "| target |" in card and "| draft |" in card
 
 
+def _tiny_corpus(root):
+    root.mkdir()
+    for i in range(10):
+        (root / f"mod{i}.py").write_text(f"def f{i}(x, y):\n    return x * {i} + y\n\n\nclass C{i}:\n    pass\n" * 8)
+    return ["--stdlib", str(root), "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2",
+            "--eval-problems", "5", "--max-positions", "128"]
+
+
+def test_a_draft_for_an_existing_target_shares_its_tokenizer_and_leaves_it_alone(train_pair, tmp_path):
+    common = _tiny_corpus(tmp_path / "lib")
+    pair = tmp_path / "pair"
+    assert train_pair.main(common + ["--out", str(pair), "--vocab-size", "320", "--target-layers", "2",
+                                     "--target-hidden", "32", "--target-intermediate", "64", "--target-steps", "2",
+                                     "--draft-hidden", "16", "--draft-intermediate", "32", "--draft-steps", "2"]) == 0
+    target_bytes = {f.name: f.read_bytes() for f in (pair / "target").iterdir()}
+    # --vocab-size and the target's options are ignored: the target's tokenizer is reused.
+    weak = common + ["--target-from", str(pair / "target"), "--vocab-size", "999", "--target-steps", "7",
+                     "--draft-hidden", "8", "--draft-intermediate", "16", "--draft-steps", "3",
+                     "--draft-task-fraction", "0.1"]
+    for run in ("w1", "w2"):
+        assert train_pair.main(weak + ["--out", str(tmp_path / run)]) == 0
+    w1 = tmp_path / "w1"
+    assert sorted(p.name for p in w1.iterdir()) == ["README.md", "draft", "training.json"]  # no target copy
+    for f in (w1 / "draft").iterdir():
+        assert f.read_bytes() == (tmp_path / "w2" / "draft" / f.name).read_bytes(), f.name  # deterministic
+        if f.name.startswith("tokenizer"):
+            assert f.read_bytes() == target_bytes[f.name], f.name  # byte for byte the target's
+    assert {f.name: f.read_bytes() for f in (pair / "target").iterdir()} == target_bytes  # target untouched
+    config = json.loads((w1 / "draft" / "config.json").read_text())
+    assert config["hidden_size"] == 8 and config["vocab_size"] == json.loads(target_bytes["config.json"])["vocab_size"]
+    report = json.loads((w1 / "training.json").read_text())
+    draft, target = report["models"]["draft"], report["models"]["target"]
+    assert draft["steps"] == 3 and draft["task_fraction"] == 0.1
+    assert target["path"] == (pair / "target").as_posix() and "checkpoint_mb" not in target
+    assert target["steps"] == 2  # read from the target's own training.json
+    alone = json.loads((pair / "training.json").read_text())["models"]
+    assert target["heldout_task_accuracy"] == alone["target"]["heldout_task_accuracy"]  # same held-out problems
+    assert target["heldout_code_loss"] == pytest.approx(alone["target"]["heldout_code_loss"], rel=1e-5)
+    for name in ("acceptance_code", "acceptance_task"):
+        assert 0 < draft[name] < 1 and 0 < alone["draft"][name] < 1
+    card = (w1 / "README.md").read_text()
+    assert f"--draft {w1.as_posix()}/draft" in card and "| target |" in card and "| draft |" in card
+
+
+def test_acceptance_rate_is_one_for_a_model_against_itself_and_lower_for_another(train_pair):
+    from hf_smcsd.tiny import tiny_llama
+
+    a = tiny_llama(vocab_size=32, hidden_size=16, num_layers=1, seed=0, initializer_range=0.5)
+    b = tiny_llama(vocab_size=32, hidden_size=16, num_layers=1, seed=1, initializer_range=0.5)
+    ids = torch.randint(0, 32, (3, 10), generator=torch.Generator().manual_seed(0))
+    where = torch.zeros(3, 10, dtype=torch.bool)
+    where[:, 4:7] = True
+    assert train_pair.acceptance_rate(a, a, ids, where) == pytest.approx(1.0)
+    other = train_pair.acceptance_rate(a, b, ids, where, batch_size=2)
+    assert 0 < other < 0.99
+    with torch.no_grad():  # by hand at the marked positions: 1 - total variation
+        p = torch.softmax(a(ids).logits / 0.7, -1)[where]
+        q = torch.softmax(b(ids).logits / 0.7, -1)[where]
+    assert other == pytest.approx(float(1 - 0.5 * (p - q).abs().sum(-1).mean()), rel=1e-5)
+
+
+def test_target_from_must_be_a_saved_model(train_pair, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_pair.parse_args(["--target-from", str(tmp_path)])
+    assert "--target-from" in capsys.readouterr().err
+
+
 def test_code_prompts_come_from_held_out_files(tmp_path):
     for i in range(6):
         body = "import os\n\nX = 1\n\n" + "".join(f"def f{i}_{j}(a):\n    return a\n\n" for j in range(4))

@@ -3,6 +3,7 @@ side by side, on the same prompts, `max_new_tokens` and temperature, in one proc
 
     hf-smcsd bench                                   # the committed pair, CPU, a few minutes
     hf-smcsd bench --batch-sizes 1,8,32 --particles 1,2,4,8,16 --gammas 2,4,8 --repeats 5
+    hf-smcsd bench --modes smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 --gammas 4,8   # the engine's modes
     hf-smcsd bench --target meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct \\
         --device cuda --dtype bfloat16 --max-new-tokens 256 --batch-sizes 1,8,32
 
@@ -11,7 +12,10 @@ untimed ones; methods are interleaved within each repeat so that they see the sa
 speedups over the target alone and over the fastest assisted-generation setting, and the
 mean target log-likelihood per generated token (a fidelity check: samples of the target
 itself set the reference). For SMC-SD also the mean ESS, the resampling rate and the time
-of one instrumented run split per round into draft / verify / resample / prefill / other.
+of one instrumented run split per round into draft / verify / resample / rollback / prefill /
+other. `--modes` adds the engine's other modes (`smc_mode`): exact (lossless multi-draft
+speculative sampling over the N particles), mixed (`--mixed-schedule`) and auto, each with
+its own N grid if given (`exact:1/4/8`); every engine method runs at every `--gammas` K.
 Assisted generation in transformers runs batch size 1 only: larger batches are listed as
 unavailable, not as zero. Writes bench.csv, bench.json and two PNG plots into `--out-dir`.
 """
@@ -36,16 +40,27 @@ COLUMNS = [
     "target_loglik_stderr", "mean_ess", "mean_ess_fraction", "resample_rate", "rounds",
     "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
     "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other",
-    "tokens_per_target_call", "note",
+    "tokens_per_target_call", "note", "name", "schedule", "auto_threshold", "ms_per_round_rollback",
+    "share_rollback",
 ]
 
 
 @dataclass(frozen=True)
 class Config:
-    method: str  # "target", "assisted" or "smc-sd"
+    method: str  # "target", "assisted", or an engine method: "smc-sd", "exact", "mixed", "auto"
     batch_size: int
     particles: int | None = None
     gamma: int | str | None = None  # assisted: an int or "default" (transformers' own settings)
+    schedule: tuple[int, int] | None = None  # mixed: (exact rounds, SMC-SD rounds)
+    auto_threshold: float | None = None  # auto: None keeps the library's default
+
+    @property
+    def engine(self) -> bool:
+        return self.method in common.ENGINE_MODES
+
+    @property
+    def name(self) -> str:
+        return common.method_name(self.method, self.particles, self.gamma, self.schedule)
 
     @property
     def available(self) -> bool:
@@ -53,19 +68,27 @@ class Config:
 
     @property
     def label(self) -> str:
-        if self.method == "smc-sd":
-            return f"smc-sd N={self.particles} K={self.gamma} b={self.batch_size}"
+        if self.engine:
+            return f"{self.name} b={self.batch_size}"
         if self.method == "assisted":
             return f"assisted K={self.gamma} b={self.batch_size}"
         return f"target b={self.batch_size}"
 
 
-def build_configs(batch_sizes, particles, gammas, assisted_gammas) -> list[Config]:
+def build_configs(batch_sizes, particles, gammas, assisted_gammas, modes=None, schedule=common.DEFAULT_SCHEDULE,
+                  auto_threshold=None) -> list[Config]:
+    """`modes`: [(engine method, its N grid)], as `common.parse_modes` gives; default SMC-SD
+    over `particles`."""
+    modes = modes if modes is not None else [("smc-sd", particles)]
     configs = []
     for b in batch_sizes:
         configs.append(Config("target", b))
         configs.extend(Config("assisted", b, gamma=g) for g in assisted_gammas)
-        configs.extend(Config("smc-sd", b, particles=n, gamma=k) for n in particles for k in gammas)
+        for method, grid in modes:
+            extra = {"schedule": tuple(schedule)} if method == "mixed" else {}
+            if method == "auto":
+                extra["auto_threshold"] = auto_threshold
+            configs.extend(Config(method, b, particles=n, gamma=k, **extra) for n in grid for k in gammas)
     return configs
 
 
@@ -113,9 +136,10 @@ def generate_once(config: Config, target, draft, input_ids, attention_mask, samp
             out = target.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
                                   **sampling)
         return out[:, input_ids.shape[1]:], out
+    knobs = common.engine_knobs(config.method, config.schedule, config.auto_threshold)
     out = target.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
                           smc_particles=config.particles, smc_gamma=config.gamma, return_dict_in_generate=True,
-                          **sampling)
+                          **knobs, **sampling)
     return out.sequences[:, input_ids.shape[1]:], out
 
 
@@ -137,17 +161,18 @@ class CountCalls:
         return False
 
 
-def smc_diagnostics(outputs: list) -> dict:
-    """Mean ESS (over prompts, rounds and repeats), ESS / N, resamples per prompt-round."""
+def smc_diagnostics(outputs: list, particles: int) -> dict:
+    """Mean ESS (over prompts, rounds and repeats), ESS / N, resamples per prompt-round (of the
+    SMC-SD rounds: exact rounds have no weights; NaN where a run had none)."""
     ess_values, resamples, prompt_rounds, rounds = [], 0, 0, []
     for out in outputs:
-        for trace in out.ess:
+        for trace in out.ess or []:
             if len(trace):
-                ess_values.append(float(trace.double().mean()))
+                ess_values.append(float(torch.as_tensor(trace).double().mean()))
             prompt_rounds += len(trace)
-        resamples += int(out.num_resamples.sum())
+        if out.num_resamples is not None:
+            resamples += int(out.num_resamples.sum())
         rounds.append(int(out.num_rounds))
-    particles = outputs[0].particle_sequences.shape[1]
     mean_ess = sum(ess_values) / len(ess_values) if ess_values else float("nan")
     return {
         "mean_ess": mean_ess,
@@ -159,12 +184,14 @@ def smc_diagnostics(outputs: list) -> dict:
 
 def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_sizes, particles, gammas,
               assisted_gammas=("default",), max_new_tokens=64, temperature=0.7, repeats=3, warmup=1,
-              seed=0, stop_ids=(), ignore_eos=True, device=None, log=print) -> list[dict]:
+              seed=0, stop_ids=(), ignore_eos=True, device=None, log=print, modes=None,
+              schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> list[dict]:
     """Measure every configuration; returns one row (dict with `COLUMNS`) per configuration.
 
     `prompts` are token-id lists; batch size b uses the first b. With `ignore_eos` every
     method writes exactly `max_new_tokens` tokens (the usual benchmark setting); otherwise
-    generation stops at `stop_ids` and only tokens up to the stop are counted.
+    generation stops at `stop_ids` and only tokens up to the stop are counted. `modes`:
+    [(engine method, its N grid)] (`common.parse_modes`); default SMC-SD over `particles`.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r}: use an integer >= 1")
@@ -176,7 +203,7 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
     stops = [] if ignore_eos else list(stop_ids)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id, eos_token_id=None if ignore_eos else stops)
-    configs = build_configs(batch_sizes, particles, gammas, assisted_gammas)
+    configs = build_configs(batch_sizes, particles, gammas, assisted_gammas, modes, schedule, auto_threshold)
     runnable = [c for c in configs if c.available]
     batches = {b: left_pad(prompts[:b], pad_id) for b in batch_sizes}
     times = {c: [] for c in runnable}
@@ -199,32 +226,35 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
             for config in runnable:
                 call(config, seed + 10_000 + w)
         for r in range(repeats):
+            started = time.perf_counter()
             for config in runnable:  # interleaved: every method sees the same machine load
                 seconds, tokens, out = call(config, seed + r)
                 lengths = common.new_token_counts(tokens, stops)
                 times[config].append(seconds)
                 counts[config].append(lengths)
                 new_tokens[config].append(tokens)
-                if config.method == "smc-sd":
+                if config.engine:
                     outputs[config].append(out)
-            log(f"bench: repeat {r + 1}/{repeats} done")
+            log(f"bench: repeat {r + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)")
 
-        # One instrumented run per SMC-SD configuration: the time split per round.
-        splits = {}
+        # One instrumented run per engine configuration: the time split per round, and new
+        # tokens per prompt per target forward (its prefill, then one verify per round).
+        splits, per_call = {}, {}
         for config in runnable:
-            if config.method != "smc-sd":
+            if not config.engine:
                 continue
             timer = common.Timer(device)
             with common.instrumented(target, draft, timer):
-                seconds, _, out = call(config, seed + 20_000)
+                seconds, tokens, out = call(config, seed + 20_000)
             splits[config] = common.time_split(timer, seconds, out.num_rounds)
+            per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
+            per_call[config] = per_prompt / (timer.calls.get("verify", 0) + 1)
 
         # One counted run per baseline: new tokens per prompt per target forward. 1 for the target alone;
         # for assisted generation, 1 + the mean number of accepted draft tokens per block
         # (SMC-SD gets K+1 per round by construction, after one prefill).
-        per_call = {}
         for config in runnable:
-            if config.method == "smc-sd":
+            if config.engine:
                 continue
             with CountCalls(target) as counter:
                 _, tokens, _ = call(config, seed + 30_000)
@@ -243,7 +273,8 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
     rows = []
     for config in configs:
         row = {"method": config.method, "batch_size": config.batch_size, "particles": config.particles,
-               "gamma": config.gamma, "available": config.available, "note": ""}
+               "gamma": config.gamma, "available": config.available, "note": "", "name": config.name,
+               "schedule": config.schedule, "auto_threshold": config.auto_threshold}
         if not config.available:
             row["note"] = ASSISTED_UNAVAILABLE
             rows.append(row)
@@ -252,11 +283,10 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         row.update(tokens_per_s=common.median(rates), tokens_per_s_repeats=rates,
                    seconds_median=common.median(times[config]), new_tokens=int(counts[config][0].sum()),
                    target_loglik_per_token=logliks[config][0], target_loglik_stderr=logliks[config][1])
-        if config.method == "smc-sd":
-            row.update(smc_diagnostics(outputs[config]))
+        row["tokens_per_target_call"] = per_call[config]
+        if config.engine:
+            row.update(smc_diagnostics(outputs[config], config.particles))
             row.update(splits[config])
-        else:
-            row["tokens_per_target_call"] = per_call[config]
         rows.append(row)
     add_speedups(rows)
     return rows
@@ -311,30 +341,37 @@ def summarize(rows: list[dict], min_particles: int = 4) -> dict:
             "smc_corrected_best": corrected and {"particles": corrected["particles"], "gamma": corrected["gamma"]},
             "smc_corrected_speedup_vs_target": corrected and corrected["speedup_vs_target"],
             "smc_corrected_speedup_vs_assisted": corrected["speedup_vs_assisted"] if corrected else None,
+            # The fastest setting of each engine method run (exact, mixed, auto, SMC-SD).
+            "fastest_by_method": {
+                method: {"name": common.row_name(best), "tokens_per_s": best["tokens_per_s"],
+                         "speedup_vs_target": best["speedup_vs_target"],
+                         "speedup_vs_assisted": best["speedup_vs_assisted"]}
+                for method in common.ENGINE_MODES if (best := pick(method)) is not None
+            },
         }
     return summary
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'method':<9}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x assist':>10}"
-              f"{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}  split draft/verify/resample/prefill/other (ms/round)")
+    header = (f"{'method':<11}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x assist':>10}"
+              f"{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
+              f"{'/'.join(common.TIME_PARTS)} (ms/round)")
     lines = [header, "-" * len(header)]
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
     for r in rows:
+        method = common.method_column(r)
         if not r["available"]:
-            lines.append(f"{r['method']:<9}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
+            lines.append(f"{method:<11}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
                          f"{'n/a':>9}   unavailable: {r['note']}")
             continue
         split = ""
-        if r["method"] == "smc-sd":
+        if r["method"] in common.ENGINE_MODES:
             split = "/".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in common.TIME_PARTS)
-        elif r.get("tokens_per_target_call") is not None:
-            split = f"{r['tokens_per_target_call']:.2f} new tokens per target forward"
         lines.append(
-            f"{r['method']:<9}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}{str(r['gamma'] or '-'):>8}"
+            f"{method:<11}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}{str(r['gamma'] or '-'):>8}"
             f"{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
             f"{r['target_loglik_per_token']:>12.3f}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
-            f"{fmt(r.get('resample_rate'), '.2f'):>8}  {split}"
+            f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
         )
     return "\n".join(lines)
 
@@ -349,10 +386,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     batch_sizes = sorted({r["batch_size"] for r in rows})
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.2 * len(batch_sizes), 4), squeeze=False)
     for ax, b in zip(axes[0], batch_sizes):
-        smc = [r for r in rows if r["method"] == "smc-sd" and r["batch_size"] == b]
-        for k in sorted({r["gamma"] for r in smc}):
-            line = sorted((r for r in smc if r["gamma"] == k), key=lambda r: r["particles"])
-            ax.plot([r["particles"] for r in line], [r["tokens_per_s"] for r in line], "o-", label=f"SMC-SD K={k}")
+        for line, label, style in common.engine_lines([r for r in rows if r["batch_size"] == b]):
+            ax.plot([r["particles"] for r in line], [r["tokens_per_s"] for r in line], label=label, **style)
         target = [r for r in rows if r["method"] == "target" and r["batch_size"] == b]
         if target:
             ax.axhline(target[0]["tokens_per_s"], color="black", label="target alone")
@@ -384,7 +419,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=method)
         for g, s, r in zip(gaps, speeds, at_b):
-            if r["method"] == "smc-sd":
+            if r["method"] in common.ENGINE_MODES:
                 ax.annotate(f"{r['particles']},{r['gamma']}", (g, s), fontsize=6, xytext=(2, 2),
                             textcoords="offset points")
         ordered = sorted(front, key=lambda i: gaps[i])
@@ -406,7 +441,8 @@ def parse_args(argv):
     common.add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     parser.add_argument("--particles", default="1,2,4,8", help="SMC-SD N grid (default 1,2,4,8)")
-    parser.add_argument("--gammas", default="2,4,8", help="SMC-SD K grid (default 2,4,8)")
+    parser.add_argument("--gammas", default="2,4,8", help="K grid of every engine method (default 2,4,8)")
+    common.add_mode_arguments(parser)
     parser.add_argument("--assisted-gammas", default="default,4",
                         help="assisted generation settings: 'default' (transformers' own: 20 tokens with confidence "
                         "early exit) and/or fixed K values (default: default,4)")
@@ -430,6 +466,8 @@ def parse_args(argv):
         args.batch_sizes = common.parse_int_list(args.batch_sizes, "--batch-sizes")
         args.particles = common.parse_int_list(args.particles, "--particles")
         args.gammas = common.parse_int_list(args.gammas, "--gammas")
+        args.modes = common.parse_modes(args.modes, args.particles)
+        args.mixed_schedule = common.parse_schedule(args.mixed_schedule)
         assisted = [g.strip() for g in args.assisted_gammas.split(",") if g.strip()]
         args.assisted_gammas = [g if g == "default" else common.parse_int_list(g, "--assisted-gammas")[0]
                                 for g in assisted]
@@ -478,6 +516,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = run_bench(target, draft, prompts, tokenizer.pad_token_id, batch_sizes=args.batch_sizes,
                      particles=args.particles, gammas=args.gammas, assisted_gammas=args.assisted_gammas,
+                     modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
                      warmup=args.warmup, seed=args.seed, stop_ids=stop_ids, ignore_eos=not args.stop_at_eos,
                      device=device)
@@ -490,15 +529,23 @@ def main(argv=None) -> int:
         assisted = (f"{s['assisted_tokens_per_s']:.1f} tok/s (K={s['assisted_best_gamma']})"
                     if s["assisted_tokens_per_s"] else "unavailable")
         vs_assisted = f"{s['smc_speedup_vs_assisted']:.2f}x" if s["smc_speedup_vs_assisted"] else "n/a"
-        print(f"batch {b}: target {s['target_tokens_per_s']:.1f} tok/s, assisted {assisted}, best SMC-SD "
-              f"{s['smc_tokens_per_s']:.1f} tok/s (N={s['smc_best']['particles']}, K={s['smc_best']['gamma']}): "
-              f"{s['smc_speedup_vs_target']:.2f}x the target, {vs_assisted} assisted")
+        print(f"batch {b}: target {s['target_tokens_per_s']:.1f} tok/s, assisted {assisted}", end="")
+        if s["smc_best"]:
+            print(f", best SMC-SD {s['smc_tokens_per_s']:.1f} tok/s (N={s['smc_best']['particles']}, "
+                  f"K={s['smc_best']['gamma']}): {s['smc_speedup_vs_target']:.2f}x the target, {vs_assisted} assisted",
+                  end="")
+        print()
         if s["smc_corrected_best"]:
             vs = s["smc_corrected_speedup_vs_assisted"]
             print(f"         best SMC-SD with N >= {s['min_particles']}: {s['smc_corrected_tokens_per_s']:.1f} tok/s "
                   f"(N={s['smc_corrected_best']['particles']}, K={s['smc_corrected_best']['gamma']}): "
                   f"{s['smc_corrected_speedup_vs_target']:.2f}x the target, "
                   f"{f'{vs:.2f}x' if vs else 'n/a'} assisted")
+        for method, best in s["fastest_by_method"].items():
+            if method != "smc-sd":
+                vs = best["speedup_vs_assisted"]
+                print(f"         fastest {method}: {best['tokens_per_s']:.1f} tok/s ({best['name']}): "
+                      f"{best['speedup_vs_target']:.2f}x the target, {f'{vs:.2f}x' if vs else 'n/a'} assisted")
 
     out_dir = Path(args.out_dir)
     common.write_csv(out_dir / "bench.csv", rows, COLUMNS)

@@ -70,6 +70,100 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# ----------------------------------------------------------------------------- methods
+
+# The methods that run on hf-smcsd's engine: their name in tables -> generate()'s `smc_mode`.
+ENGINE_MODES = {"smc-sd": "smc", "exact": "exact", "mixed": "mixed", "auto": "auto"}
+MODE_NAMES = {"smc": "smc-sd", "smc-sd": "smc-sd", "exact": "exact", "mixed": "mixed", "auto": "auto"}
+DEFAULT_SCHEDULE = (4, 1)  # mixed: exact rounds, then SMC-SD rounds, repeating
+
+
+def parse_modes(value: str, particles: list[int], name: str = "--modes") -> list[tuple[str, list[int]]]:
+    """"smc,exact:1/4/8" -> [("smc-sd", particles), ("exact", [1, 4, 8])]: the engine's modes
+    to run, each with its own N grid (`particles` where none is given)."""
+    entries = [v.strip() for v in value.split(",") if v.strip()]
+    if not entries:
+        raise ValueError(f"{name}={value!r}: name at least one of smc, exact, mixed, auto")
+    modes = []
+    for entry in entries:
+        mode, _, grid = entry.partition(":")
+        if mode.strip() not in MODE_NAMES:
+            raise ValueError(f"{name}={value!r}: unknown mode {mode.strip()!r}; use smc, exact, mixed or auto, each "
+                             "optionally with its own particle counts, e.g. smc:4/8,exact:1/4/8")
+        counts = parse_int_list(grid.replace("/", ","), f"{name} ({mode.strip()})") if grid.strip() else list(particles)
+        method = MODE_NAMES[mode.strip()]
+        if method in (m for m, _ in modes):
+            raise ValueError(f"{name}={value!r}: {mode.strip()} is named twice; give all its particle counts at once")
+        modes.append((method, counts))
+    return modes
+
+
+def parse_schedule(value: str, name: str = "--mixed-schedule") -> tuple[int, int]:
+    """"4,1" -> (4, 1): exact rounds then SMC-SD rounds of the mixed mode."""
+    try:
+        exact, smc = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: use two integers EXACT,SMC, e.g. 4,1 (4 exact rounds, then 1 SMC-SD "
+                         "round, repeating)") from None
+    if exact < 0 or smc < 0 or exact + smc < 1:
+        raise ValueError(f"{name}={value!r}: use two integers >= 0, not both 0, e.g. 4,1")
+    return exact, smc
+
+
+def add_mode_arguments(parser, grids: str = "--particles") -> None:
+    """--modes, --mixed-schedule and --auto-threshold, shared by bench and fidelity."""
+    parser.add_argument("--modes", default="smc",
+                        help="the engine's modes to run (smc_mode), comma-separated: smc, exact, mixed, auto; each "
+                        f"takes {grids} unless given its own N grid, e.g. smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 "
+                        "(default: smc)")
+    parser.add_argument("--mixed-schedule", default="4,1",
+                        help="mixed mode's smc_schedule: EXACT,SMC rounds, repeating (default 4,1)")
+    parser.add_argument("--auto-threshold", type=float, default=None,
+                        help="auto mode's smc_auto_threshold (default: the library's)")
+
+
+def engine_knobs(method: str, schedule=None, auto_threshold=None) -> dict:
+    """generate()'s mode knobs for an engine method. SMC-SD passes none: it is the default mode,
+    so the harness also runs on versions of hf-smcsd that predate `smc_mode`."""
+    if method not in ENGINE_MODES:
+        raise ValueError(f"method={method!r}: not an hf-smcsd engine method ({', '.join(ENGINE_MODES)})")
+    if method == "smc-sd":
+        return {}
+    knobs = {"smc_mode": ENGINE_MODES[method]}
+    if method == "mixed":
+        knobs["smc_schedule"] = tuple(schedule or DEFAULT_SCHEDULE)
+    if method == "auto" and auto_threshold is not None:
+        knobs["smc_auto_threshold"] = auto_threshold
+    return knobs
+
+
+def method_name(method: str, particles=None, gamma=None, schedule=None) -> str:
+    """A method's name in every table and plot: "target alone", "assisted (K=4)",
+    "SMC-SD N=4 K=8", "exact N=4 K=8", "mixed(4,1) N=4 K=8", "auto N=4 K=8"."""
+    if method in ENGINE_MODES:
+        label = "SMC-SD" if method == "smc-sd" else _with_schedule(method, schedule)
+        return f"{label} N={particles} K={gamma}"
+    if method == "assisted":
+        return f"assisted (K={gamma})"
+    return f"{method} alone"
+
+
+def row_name(row: dict) -> str:
+    return method_name(row["method"], row.get("particles"), row.get("gamma"), row.get("schedule"))
+
+
+def method_column(row: dict) -> str:
+    """A bench table's method column: the method, with its schedule for mixed ("mixed(4,1)")."""
+    return _with_schedule(row["method"], row.get("schedule"))
+
+
+def _with_schedule(method: str, schedule) -> str:
+    if method != "mixed":
+        return method
+    exact, smc = schedule or DEFAULT_SCHEDULE
+    return f"mixed({exact},{smc})"
+
+
 # ----------------------------------------------------------------------------- models
 
 def load_causal_lm(name_or_path: str | Path, device: torch.device, dtype: torch.dtype):
@@ -140,7 +234,8 @@ class Timer:
 class TimedRunner:
     """A `Runner` that forwards every call to `inner` and books its time: prefill under
     `prefill`, extend under `extend_part` (draft or verify), reorder (the resampling cache
-    copies) under `resample`, keep under `other`."""
+    copies) under `resample`, rollback (exact rounds dropping rejected tokens) under
+    `rollback`, keep under `other`."""
 
     def __init__(self, inner, timer: Timer, extend_part: str):
         self.inner, self.timer, self.extend_part = inner, timer, extend_part
@@ -157,6 +252,12 @@ class TimedRunner:
 
     def keep(self, rows):
         return self.timer.run("other", self.inner.keep, rows)
+
+    def rollback(self, drop):
+        return self.timer.run("rollback", self.inner.rollback, drop)
+
+    def __getattr__(self, name):  # anything else a runner offers, untimed
+        return getattr(self.inner, name)
 
 
 class instrumented:
@@ -181,7 +282,7 @@ class instrumented:
         return False
 
 
-TIME_PARTS = ("draft", "verify", "resample", "prefill", "other")
+TIME_PARTS = ("draft", "verify", "resample", "rollback", "prefill", "other")
 
 
 def time_split(timer: Timer, total_seconds: float, rounds: int) -> dict[str, float]:
@@ -311,7 +412,7 @@ def _csv_value(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return " ".join(_csv_value(v) for v in value)
+        return " ".join(str(_csv_value(v)) for v in value)
     return value
 
 
@@ -337,7 +438,20 @@ def _jsonable(value):
 
 
 # Marker and colour of each method in every plot.
-METHOD_STYLES = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue")}
+METHOD_STYLES = {"target": ("s", "black"), "assisted": ("^", "gray"), "smc-sd": ("o", "tab:blue"),
+                 "exact": ("D", "tab:green"), "mixed": ("P", "tab:purple"), "auto": ("*", "tab:orange")}
+
+
+def engine_lines(rows: list[dict]):
+    """The engine methods' rows grouped for a plot against N: (rows sorted by N, label, style)
+    per method and K; the style is the method's marker and colour and a line style per K."""
+    dashes = ("-", "--", ":", "-.")
+    for method, (marker, color) in METHOD_STYLES.items():
+        runs = [r for r in rows if r["method"] == method and method in ENGINE_MODES]
+        for i, k in enumerate(sorted({r["gamma"] for r in runs})):
+            line = sorted((r for r in runs if r["gamma"] == k), key=lambda r: r["particles"])
+            label = f"{row_name(line[0]).split(' N=')[0]} K={k}"
+            yield line, label, {"marker": marker, "color": color, "linestyle": dashes[i % len(dashes)]}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

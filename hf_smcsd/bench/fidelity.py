@@ -3,6 +3,7 @@ transformers' assisted generation (exact speculative sampling).
 
     hf-smcsd fidelity                                  # all three sections, a few minutes on a CPU
     hf-smcsd fidelity --sections task --problems 1000 --particles 1,2,4,8,16 --gammas 2,4
+    hf-smcsd fidelity --sections task --problems 500 --modes smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 --gammas 4,8
 
 Three sections (`--sections`, default all):
 
@@ -18,6 +19,10 @@ Three sections (`--sections`, default all):
 - loglik: the mean target log-likelihood per generated token (at the sampling temperature)
   of each method's outputs on code prompts, with its standard error. The target's own
   samples set the reference; a sampler biased toward the draft scores lower.
+
+`--modes` adds the engine's other modes (`smc_mode`: exact, mixed, auto) to every section,
+each over `--particles` (`--exact-particles` in the exact section) unless given its own N
+grid (`exact:1/4/8`).
 
 Writes fidelity.json, fidelity_exact.csv, fidelity_task.csv, fidelity_loglik.csv and PNG plots
 into `--out-dir`.
@@ -41,18 +46,36 @@ from .bench import assistant_settings, left_pad
 
 SECTIONS = ("exact", "task", "loglik")
 EXACT_COLUMNS = ["method", "particles", "gamma", "samples", "tv", "tv_low", "tv_high", "noise_floor_q95", "consistent",
-                 "mean_log_p"]
-TASK_COLUMNS = ["method", "particles", "gamma", "problems", "correct", "accuracy", "accuracy_low", "accuracy_high"]
+                 "mean_log_p", "name", "schedule"]
+TASK_COLUMNS = ["method", "particles", "gamma", "problems", "correct", "accuracy", "accuracy_low", "accuracy_high",
+                "name", "schedule"]
 LOGLIK_COLUMNS = ["method", "particles", "gamma", "samples", "tokens_per_sample", "target_loglik_per_token",
-                  "stderr"]
+                  "stderr", "name", "schedule"]
 
 
 # ----------------------------------------------------------------------------- samplers
 
+def engine_settings(modes, gammas, particles, schedule=common.DEFAULT_SCHEDULE) -> list[dict]:
+    """The engine methods to run, as `method`, `particles`, `gamma`, `schedule` settings:
+    `modes` [(method, its N grid)] (`common.parse_modes`; default SMC-SD over `particles`),
+    every one at every K in `gammas`."""
+    modes = modes if modes is not None else [("smc-sd", particles)]
+    return [{"method": method, "particles": n, "gamma": k, "schedule": tuple(schedule) if method == "mixed" else None}
+            for method, grid in modes for k in gammas for n in grid]
+
+
+def _with_assisted(assisted_gamma) -> list[dict]:
+    """The baselines' settings: the target alone, the draft alone, assisted generation."""
+    return [{"method": m, "particles": None, "gamma": assisted_gamma if m == "assisted" else None, "schedule": None}
+            for m in ("target", "draft", "assisted")]
+
+
 def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, particles=None, gamma=None,
-                   max_new_tokens: int, temperature: float, stop_ids, pad_id: int, seed: int) -> torch.Tensor:
+                   max_new_tokens: int, temperature: float, stop_ids, pad_id: int, seed: int, schedule=None,
+                   auto_threshold=None) -> torch.Tensor:
     """New tokens `[B, W]` of one sample per prompt row from `method`: "target", "draft",
-    "assisted" (batch 1 per call, so rows run one by one) or "smc-sd"."""
+    "assisted" (batch 1 per call, so rows run one by one) or an engine method ("smc-sd",
+    "exact", "mixed" with `schedule`, "auto" with `auto_threshold`)."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id, eos_token_id=list(stop_ids) or None)
     prompt = input_ids.shape[1]
@@ -62,9 +85,10 @@ def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, par
             return target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
         if method == "draft":
             return draft.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
-        if method == "smc-sd":
+        if method in common.ENGINE_MODES:
+            knobs = common.engine_knobs(method, schedule, auto_threshold)
             return smc_generate(target, draft, input_ids, attention_mask=attention_mask, smc_particles=particles,
-                                smc_gamma=gamma, **sampling)[:, prompt:]
+                                smc_gamma=gamma, **knobs, **sampling)[:, prompt:]
         if method == "assisted":
             rows = []
             with assistant_settings(draft, gamma if gamma is not None else "default"):
@@ -77,7 +101,7 @@ def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, par
             for i, r in enumerate(rows):
                 padded[i, : len(r)] = r
             return padded
-    raise ValueError(f"method={method!r}: use target, draft, assisted or smc-sd")
+    raise ValueError(f"method={method!r}: use target, draft, assisted, or one of {', '.join(common.ENGINE_MODES)}")
 
 
 # ----------------------------------------------------------------------------- exact TV
@@ -145,7 +169,7 @@ def exact_pair(vocab: int = 8, seed: int = 0, draft_noise: float = 0.3, eos: int
 
 def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 500, new_tokens: int = 4,
               vocab: int = 8, temperature: float = 1.0, seed: int = 0, prompt=(1, 2), assisted_gamma: int = 3,
-              log=print) -> dict:
+              log=print, modes=None, schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> dict:
     if not 1 <= new_tokens <= 4 or not 2 <= vocab <= 8:
         raise ValueError(f"new_tokens={new_tokens!r}, vocab={vocab!r}: the exact section enumerates outputs; "
                          "use new_tokens in 1..4 and vocab in 2..8")
@@ -155,8 +179,8 @@ def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 50
         exact_fidelity.exact_distribution(target, list(prompt), new_tokens, temperature, (eos,)), vocab)
     prompt_ids = torch.tensor([list(prompt)])
 
-    def measure(method, count, **kw):
-        ids = prompt_ids.expand(count, -1).contiguous()
+    def measure(method, samples, **kw):
+        ids = prompt_ids.expand(samples, -1).contiguous()
         tokens = sample_outputs(method, target, draft, ids, torch.ones_like(ids), max_new_tokens=new_tokens,
                                 temperature=temperature, stop_ids=[eos], pad_id=eos, seed=seed, **kw)
         keys = encode_outputs(tokens, common.new_token_counts(tokens, [eos]), vocab)
@@ -180,19 +204,19 @@ def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 50
 
     rows = []
 
-    def add(method, result, particles=None, gamma=None):
+    def add(method, result, particles=None, gamma=None, schedule=None):
         q95 = floor(result["samples"])
-        rows.append({"method": method, "particles": particles, "gamma": gamma, **result, "noise_floor_q95": q95,
-                     "consistent": result["tv_low"] <= q95})
+        rows.append({"method": method, "particles": particles, "gamma": gamma, "schedule": schedule, **result,
+                     "noise_floor_q95": q95, "consistent": result["tv_low"] <= q95})
+        rows[-1]["name"] = common.row_name(rows[-1])
 
     with torch.inference_mode():
         add("target", measure("target", samples))
         add("draft", measure("draft", samples))
         add("assisted", measure("assisted", assisted_samples, gamma=assisted_gamma), gamma=assisted_gamma)
-        for k in gammas:
-            for n in particles:
-                add("smc-sd", measure("smc-sd", samples, particles=n, gamma=k), particles=n, gamma=k)
-                log(f"fidelity exact: N={n} K={k} TV {rows[-1]['tv']:.3f}")
+        for setting in engine_settings(modes, gammas, particles, schedule):
+            add(**setting, result=measure(samples=samples, auto_threshold=auto_threshold, **setting))
+            log(f"fidelity exact: {rows[-1]['name']} TV {rows[-1]['tv']:.3f}")
     expected_log_p = sum(p * math.log(p) for p in exact.values() if p > 0)
     return {"rows": rows, "vocab": vocab, "new_tokens": new_tokens, "temperature": temperature,
             "prompt": list(prompt), "eos": eos, "support": len(exact), "target_mean_log_p": expected_log_p}
@@ -201,52 +225,55 @@ def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 50
 # ----------------------------------------------------------------------------- task and loglik
 
 def run_task(target, draft, tokenizer, particles, gammas, problems: int = 300, temperature: float = 0.7,
-             seed: int = 0, assisted_gamma: int | str = 4, batch_size: int = 100, log=print) -> dict:
+             seed: int = 0, assisted_gamma: int | str = 4, batch_size: int = 100, log=print, modes=None,
+             schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> dict:
     chosen = data.heldout_problems(problems, seed=seed + 1234)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     stops = [tokenizer.eos_token_id] + ([newline[0]] if len(newline) == 1 else [])
     encoded = [tokenizer(data.problem_prompt(a, b), add_special_tokens=False)["input_ids"] for a, b in chosen]
     device = target.get_input_embeddings().weight.device
-    settings = [("target", None, None), ("draft", None, None), ("assisted", None, assisted_gamma)]
-    settings += [("smc-sd", n, k) for k in gammas for n in particles]
+    settings = _with_assisted(assisted_gamma) + engine_settings(modes, gammas, particles, schedule)
     rows = []
-    for method, n, k in settings:
-        correct = 0
+    for setting in settings:
+        correct, started = 0, time.perf_counter()
         for start in range(0, len(chosen), batch_size):
             ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
-            tokens = sample_outputs(method, target, draft, ids.to(device), mask.to(device), particles=n, gamma=k,
-                                    max_new_tokens=data.MAX_DIGITS + 2, temperature=temperature, stop_ids=stops,
-                                    pad_id=tokenizer.pad_token_id, seed=seed + start)
+            tokens = sample_outputs(**setting, target=target, draft=draft, input_ids=ids.to(device),
+                                    attention_mask=mask.to(device), max_new_tokens=data.MAX_DIGITS + 2,
+                                    temperature=temperature, stop_ids=stops, pad_id=tokenizer.pad_token_id,
+                                    seed=seed + start, auto_threshold=auto_threshold)
             texts = tokenizer.batch_decode(tokens, skip_special_tokens=False)
             correct += sum(data.is_correct(a, b, t) for (a, b), t in zip(chosen[start : start + batch_size], texts))
         low, high = common.wilson_interval(correct, len(chosen))
-        rows.append({"method": method, "particles": n, "gamma": k, "problems": len(chosen), "correct": correct,
-                     "accuracy": correct / len(chosen), "accuracy_low": low, "accuracy_high": high})
-        log(f"fidelity task: {method} N={n} K={k}: {correct}/{len(chosen)} = {correct / len(chosen):.1%}")
+        rows.append({**setting, "name": common.row_name(setting), "problems": len(chosen), "correct": correct,
+                     "accuracy": correct / len(chosen), "accuracy_low": low, "accuracy_high": high,
+                     "seconds": time.perf_counter() - started})
+        log(f"fidelity task: {rows[-1]['name']}: {correct}/{len(chosen)} = {correct / len(chosen):.1%} "
+            f"({rows[-1]['seconds']:.0f} s)")
     return {"rows": rows, "temperature": temperature, "max_new_tokens": data.MAX_DIGITS + 2}
 
 
 def run_loglik(target, draft, tokenizer, particles, gammas, prompts: list[str], max_new_tokens: int = 48,
                temperature: float = 0.7, seeds: int = 2, seed: int = 0, assisted_gamma: int | str = 4,
-               log=print) -> dict:
+               log=print, modes=None, schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> dict:
     device = target.get_input_embeddings().weight.device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-    settings = [("target", None, None), ("draft", None, None), ("assisted", None, assisted_gamma)]
-    settings += [("smc-sd", n, k) for k in gammas for n in particles]
+    settings = _with_assisted(assisted_gamma) + engine_settings(modes, gammas, particles, schedule)
     rows = []
-    for method, n, k in settings:
+    for setting in settings:
         values = []
         for s in range(seeds):
-            tokens = sample_outputs(method, target, draft, ids.to(device), mask.to(device), particles=n, gamma=k,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=[],
-                                    pad_id=tokenizer.pad_token_id, seed=seed + s).cpu()
+            tokens = sample_outputs(**setting, target=target, draft=draft, input_ids=ids.to(device),
+                                    attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                    temperature=temperature, stop_ids=[], pad_id=tokenizer.pad_token_id,
+                                    seed=seed + s, auto_threshold=auto_threshold).cpu()
             lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
             values += common.target_log_likelihood(target, ids, mask, tokens, lengths, temperature).tolist()
         mean, stderr = common.mean_and_stderr(values)
-        rows.append({"method": method, "particles": n, "gamma": k, "samples": len(values),
+        rows.append({**setting, "name": common.row_name(setting), "samples": len(values),
                      "tokens_per_sample": max_new_tokens, "target_loglik_per_token": mean, "stderr": stderr})
-        log(f"fidelity loglik: {method} N={n} K={k}: {mean:.3f} +- {stderr:.3f} nats/token")
+        log(f"fidelity loglik: {rows[-1]['name']}: {mean:.3f} +- {stderr:.3f} nats/token")
     return {"rows": rows, "temperature": temperature, "prompts": prompts}
 
 
@@ -258,12 +285,8 @@ def plot_exact(result: dict, path: Path) -> bool:
         return False
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    smc = [r for r in rows if r["method"] == "smc-sd"]
-    for k in sorted({r["gamma"] for r in smc}):
-        line = sorted((r for r in smc if r["gamma"] == k), key=lambda r: r["particles"])
-        xs = [r["particles"] for r in line]
-        ax.errorbar(xs, [r["tv"] for r in line], yerr=_yerr(line, "tv", "tv_low", "tv_high"), fmt="o-", capsize=3,
-                    label=f"SMC-SD K={k}")
+    smc = [r for r in rows if r["method"] in common.ENGINE_MODES]
+    _engine_lines(ax, smc, "tv", lambda line: _yerr(line, "tv", "tv_low", "tv_high"))
     styles = {"draft": ("tab:red", "-"), "assisted": ("gray", "--"), "target": ("black", ":")}
     for method, (color, style) in styles.items():
         for r in rows:
@@ -271,9 +294,9 @@ def plot_exact(result: dict, path: Path) -> bool:
                 ax.axhline(r["tv"], color=color, linestyle=style, label=f"{method} alone" if method != "assisted"
                            else f"assisted (K={r['gamma']})")
                 ax.axhspan(r["tv_low"], r["tv_high"], color=color, alpha=0.08)
-    floor = max(r["noise_floor_q95"] for r in rows if r["method"] == "smc-sd") if smc else None
+    floor = max(r["noise_floor_q95"] for r in smc) if smc else None
     if floor is not None:
-        ax.axhline(floor, color="tab:green", linestyle="-.", label="perfect sampler, 95% quantile")
+        ax.axhline(floor, color="tab:olive", linestyle="-.", label="perfect sampler, 95% quantile")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("particles N")
     ax.set_ylabel("total variation to the exact target")
@@ -289,12 +312,8 @@ def plot_rows(rows: list[dict], key: str, low: str | None, high: str | None, yla
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    smc = [r for r in rows if r["method"] == "smc-sd"]
-    for k in sorted({r["gamma"] for r in smc}):
-        line = sorted((r for r in smc if r["gamma"] == k), key=lambda r: r["particles"])
-        yerr = (_yerr(line, key, low, high) if low else [1.96 * r[stderr] for r in line])
-        ax.errorbar([r["particles"] for r in line], [r[key] for r in line], yerr=yerr, fmt="o-", capsize=3,
-                    label=f"SMC-SD K={k}")
+    _engine_lines(ax, [r for r in rows if r["method"] in common.ENGINE_MODES], key,
+                  lambda line: _yerr(line, key, low, high) if low else [1.96 * r[stderr] for r in line])
     colors = {"target": "black", "draft": "tab:red", "assisted": "gray"}
     for r in rows:
         if r["method"] in colors:
@@ -312,6 +331,14 @@ def plot_rows(rows: list[dict], key: str, low: str | None, high: str | None, yla
     return True
 
 
+def _engine_lines(ax, rows, key, yerr):
+    """One line against N per engine method and K (the method's marker and colour, a line
+    style per K), with error bars `yerr(line)`."""
+    for line, label, style in common.engine_lines(rows):
+        ax.errorbar([r["particles"] for r in line], [r[key] for r in line], yerr=yerr(line), capsize=3, label=label,
+                    **style)
+
+
 def _yerr(rows, key, low, high):
     # Clipped at 0: an interval computed in floating point may miss its estimate by an ulp.
     return [[max(0.0, r[key] - r[low]) for r in rows], [max(0.0, r[high] - r[key]) for r in rows]]
@@ -326,9 +353,10 @@ def parse_args(argv):
     common.add_model_arguments(parser)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument("--particles", default="1,2,4,8,16", help="SMC-SD N grid (default 1,2,4,8,16)")
-    parser.add_argument("--gammas", default="2,4", help="SMC-SD K grid for task and loglik (default 2,4)")
+    parser.add_argument("--gammas", default="2,4", help="K grid of every engine method, task and loglik (default 2,4)")
+    common.add_mode_arguments(parser, "--particles (--exact-particles in the exact section)")
     parser.add_argument("--exact-particles", default="1,4,16,64", help="SMC-SD N grid for the exact section")
-    parser.add_argument("--exact-gammas", default="1,3", help="SMC-SD K grid for the exact section (default 1,3)")
+    parser.add_argument("--exact-gammas", default="1,3", help="K grid for the exact section (default 1,3)")
     parser.add_argument("--exact-samples", type=int, default=2000, help="samples per sampler (exact section)")
     parser.add_argument("--exact-assisted-samples", type=int, default=500,
                         help="samples of assisted generation (batch size 1, so one call each)")
@@ -348,6 +376,9 @@ def parse_args(argv):
         args.gammas = common.parse_int_list(args.gammas, "--gammas")
         args.exact_gammas = common.parse_int_list(args.exact_gammas, "--exact-gammas")
         args.exact_particles = common.parse_int_list(args.exact_particles, "--exact-particles")
+        args.exact_modes = common.parse_modes(args.modes, args.exact_particles)
+        args.modes = common.parse_modes(args.modes, args.particles)
+        args.mixed_schedule = common.parse_schedule(args.mixed_schedule)
     except ValueError as error:
         parser.error(str(error))
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -383,7 +414,8 @@ def main(argv=None) -> int:
     if "exact" in args.sections:
         exact = run_exact(args.exact_particles, args.exact_gammas, samples=args.exact_samples,
                           assisted_samples=args.exact_assisted_samples, new_tokens=args.exact_new_tokens,
-                          seed=args.seed)
+                          seed=args.seed, modes=args.exact_modes, schedule=args.mixed_schedule,
+                          auto_threshold=args.auto_threshold)
         report["exact"] = exact
         common.write_csv(out_dir / "fidelity_exact.csv", exact["rows"], EXACT_COLUMNS)
         written.append(out_dir / "fidelity_exact.csv")
@@ -403,7 +435,8 @@ def main(argv=None) -> int:
         report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
     if "task" in args.sections:
         task = run_task(target, draft, tokenizer, args.particles, args.gammas, problems=args.problems,
-                        temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma)
+                        temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma,
+                        modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
         report["task"] = task
         common.write_csv(out_dir / "fidelity_task.csv", task["rows"], TASK_COLUMNS)
         written.append(out_dir / "fidelity_task.csv")
@@ -417,7 +450,8 @@ def main(argv=None) -> int:
         prompts = data.code_prompts(args.loglik_prompts)
         loglik = run_loglik(target, draft, tokenizer, args.particles, args.gammas, prompts,
                             max_new_tokens=args.loglik_new_tokens, temperature=args.temperature,
-                            seeds=args.loglik_seeds, seed=args.seed, assisted_gamma=args.assisted_gamma)
+                            seeds=args.loglik_seeds, seed=args.seed, assisted_gamma=args.assisted_gamma,
+                            modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
         report["loglik"] = loglik
         common.write_csv(out_dir / "fidelity_loglik.csv", loglik["rows"], LOGLIK_COLUMNS)
         written.append(out_dir / "fidelity_loglik.csv")
@@ -440,8 +474,7 @@ def main(argv=None) -> int:
 def format_rows(rows, title, key, low, high, extra=None) -> str:
     lines = ["", title]
     for r in rows:
-        name = r["method"] + (f" N={r['particles']} K={r['gamma']}" if r["method"] == "smc-sd" else
-                              (f" K={r['gamma']}" if r["method"] == "assisted" else ""))
+        name = common.row_name(r)
         more = f"  (n={r.get('samples') or r.get('problems')})"
         if extra:
             more += f"  floor {r[extra]:.3f}"

@@ -15,53 +15,60 @@ import json
 import sys
 from pathlib import Path
 
-from .common import METHOD_STYLES, pareto_front, pyplot, save_figure
+from .common import ENGINE_MODES, METHOD_STYLES, method_column, pareto_front, pyplot, row_name, save_figure
 
 
 def _f(value, spec=".1f", none="n/a"):
-    return none if value is None else format(value, spec)
+    return none if value is None or value != value else format(value, spec)  # None and NaN
 
 
 def bench_tables(report: dict) -> str:
     rows = report["rows"]
     out = [
         "| method | batch | N | K | tokens/s | x target | x assisted | target log-lik/token | ESS/N | resamples/round "
-        "| ms/round draft / verify / resample / prefill / other |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| new tokens / target forward | ms/round draft / verify / resample / rollback / prefill / other |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        method = method_column(r)
         if not r["available"]:
-            out.append(f"| {r['method']} | {r['batch_size']} | | {r['gamma']} | unavailable | | | | | "
+            out.append(f"| {method} | {r['batch_size']} | | {r['gamma']} | unavailable | | | | | | "
                        f"| {r['note']} |")
             continue
         split = ""
-        if r["method"] == "smc-sd":
-            split = " / ".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in ("draft", "verify", "resample", "prefill",
-                                                                          "other"))
-        elif r.get("tokens_per_target_call") is not None:
-            split = f"{r['tokens_per_target_call']:.2f} new tokens per target forward"
+        if r["method"] in ENGINE_MODES:  # reports from before rollback was timed have no rollback part
+            split = " / ".join(_f(r.get(f"ms_per_round_{p}"), ".1f", "-")
+                               for p in ("draft", "verify", "resample", "rollback", "prefill", "other"))
         loglik = f"{r['target_loglik_per_token']:.3f} ± {1.96 * (r['target_loglik_stderr'] or 0):.3f}"
         out.append(
-            f"| {r['method']} | {r['batch_size']} | {r['particles'] or ''} | {r['gamma'] or ''} "
+            f"| {method} | {r['batch_size']} | {r['particles'] or ''} | {r['gamma'] or ''} "
             f"| {r['tokens_per_s']:.1f} | {_f(r['speedup_vs_target'], '.2f')} | {_f(r['speedup_vs_assisted'], '.2f')} "
             f"| {loglik} | {_f(r.get('mean_ess_fraction'), '.2f', '')} | {_f(r.get('resample_rate'), '.2f', '')} "
-            f"| {split} |"
+            f"| {_f(r.get('tokens_per_target_call'), '.2f', '')} | {split} |"
         )
     n = next(iter(report["summary"].values())).get("min_particles", 4)
     summary = ["", "| batch | target alone | assisted (best) | SMC-SD (fastest) | x target | x assisted "
                "| x assisted at batch 1, one prompt after another | SMC-SD, fastest with N >= {n} | x target "
                "| x assisted |".format(n=n),
                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fastest = ["", "| batch | method | fastest setting | tokens/s | x target | x assisted |",
+               "| --- | --- | --- | --- | --- | --- |"]
     for b, s in report["summary"].items():
         assisted = (f"{s['assisted_tokens_per_s']:.1f} (K={s['assisted_best_gamma']})"
                     if s["assisted_tokens_per_s"] else "unavailable (batch 1 only)")
         best = s["smc_best"]
-        summary.append(f"| {b} | {s['target_tokens_per_s']:.1f} | {assisted} | {s['smc_tokens_per_s']:.1f} "
-                       f"(N={best['particles']}, K={best['gamma']}) | {s['smc_speedup_vs_target']:.2f} "
-                       f"| {_f(s['smc_speedup_vs_assisted'], '.2f')} "
-                       f"| {_f(s.get('smc_throughput_vs_assisted_batch1'), '.2f')} "
-                       f"| {_corrected(s)} |")
-    return "\n".join(summary + ["", *out])
+        smc = (f"{s['smc_tokens_per_s']:.1f} (N={best['particles']}, K={best['gamma']}) "
+               f"| {s['smc_speedup_vs_target']:.2f} | {_f(s['smc_speedup_vs_assisted'], '.2f')} "
+               f"| {_f(s.get('smc_throughput_vs_assisted_batch1'), '.2f')}") if best else "n/a | | |"
+        summary.append(f"| {b} | {s['target_tokens_per_s']:.1f} | {assisted} | {smc} | {_corrected(s)} |")
+        for method, m in s.get("fastest_by_method", {}).items():
+            if method == "smc-sd":  # in the summary already
+                continue
+            fastest.append(f"| {b} | {method} | {m['name']} | {m['tokens_per_s']:.1f} "
+                           f"| {_f(m['speedup_vs_target'], '.2f')} | {_f(m['speedup_vs_assisted'], '.2f')} |")
+    if len(fastest) == 3:  # SMC-SD alone, or a report from before the engine's other modes
+        fastest = []
+    return "\n".join(summary + fastest + ["", *out])
 
 
 def _corrected(s) -> str:
@@ -72,12 +79,7 @@ def _corrected(s) -> str:
             f"| {s['smc_corrected_speedup_vs_target']:.2f} | {_f(s['smc_corrected_speedup_vs_assisted'], '.2f')}")
 
 
-def _name(r):
-    if r["method"] == "smc-sd":
-        return f"SMC-SD N={r['particles']} K={r['gamma']}"
-    if r["method"] == "assisted":
-        return f"assisted (K={r['gamma']})"
-    return f"{r['method']} alone"
+_name = row_name  # "SMC-SD N=4 K=8", "exact N=4 K=8", "mixed(4,1) N=4 K=8", "assisted (K=4)", "target alone"
 
 
 def fidelity_tables(report: dict) -> str:
@@ -115,8 +117,9 @@ def fidelity_tables(report: dict) -> str:
 
 
 def _key(r) -> tuple:
-    gamma = r.get("gamma")
-    return r["method"], r.get("particles"), None if gamma is None else str(gamma)
+    gamma, schedule = r.get("gamma"), r.get("schedule")
+    return (r["method"], r.get("particles"), None if gamma is None else str(gamma),
+            tuple(schedule) if schedule else None)
 
 
 def speed_vs_accuracy(benches: list[dict], fidelities: list[dict], batch_size: int = 1) -> list[dict]:
@@ -136,7 +139,7 @@ def speed_vs_accuracy(benches: list[dict], fidelities: list[dict], batch_size: i
         for r in report.get("task", {}).get("rows", []):
             accuracy.setdefault(_key(r), r)
     joined = [
-        {"method": key[0], "particles": key[1], "gamma": speed[key]["gamma"],
+        {"method": key[0], "particles": key[1], "gamma": speed[key]["gamma"], "schedule": key[3],
          "speedup_vs_target": speed[key]["speedup_vs_target"], "accuracy": accuracy[key]["accuracy"],
          "accuracy_low": accuracy[key]["accuracy_low"], "accuracy_high": accuracy[key]["accuracy_high"],
          "problems": accuracy[key]["problems"]}
@@ -171,7 +174,7 @@ def plot_speed_vs_accuracy(joined: list[dict], path: Path, batch_size: int = 1) 
                         fmt=marker, color=color, capsize=2, label=method if method != "assisted"
                         else f"assisted (K={pts[0]['gamma']})")
     for r in joined:
-        if r["method"] == "smc-sd":
+        if r["method"] in ENGINE_MODES:
             ax.annotate(f"{r['particles']},{r['gamma']}", (r["accuracy"], r["speedup_vs_target"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     front = sorted((r for r in joined if r["pareto"]), key=lambda r: r["accuracy"])
