@@ -378,7 +378,7 @@ def smc_sample(
         row_remaining = remaining.repeat_interleave(n)
         active = ~finished[rows]
         counted = active.unsqueeze(1) & (torch.arange(k, device=device) < row_remaining.unsqueeze(1))
-        observed = verify.acceptance_estimate(log_p, log_q, counted).view(live, n).nanmean(dim=1)
+        observed = policy.round_agreement(log_p, log_q, counted, n)
         agreement[groups] = policy.update_agreement(agreement[groups], observed)
 
         # --- SMC-SD operator: every particle keeps its drafts and a bonus, weighted. ---
