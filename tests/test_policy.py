@@ -25,18 +25,21 @@ def test_auto_is_exact_without_evidence_and_below_the_threshold():
     assert policy.exact_rounds("auto", rounds, agreement, threshold=1.0).all()
 
 
-def test_round_agreement_is_the_weight_increments_ess_fraction():
+def test_round_agreement_is_the_smaller_of_acceptance_and_ess_fraction():
     k = 3
     counted = torch.ones(8, k, dtype=torch.bool)
     same = torch.log(torch.full((8, k), 0.3))
-    # Draft proposes as the target would: every increment 0, ESS = N.
+    # Draft proposes as the target would: acceptance 1, every increment 0 (ESS = N).
     assert policy.round_agreement(same, same, counted, particles=4).tolist() == [1.0, 1.0]
-    # One row of each group gets all the weight: ESS -> 1, agreement -> 1/N.
-    log_p = same.clone()
-    log_p[[1, 6]] = 0.0  # p = 1 on those rows' drafts
-    log_p[[0, 2, 3, 4, 5, 7]] = -40.0
+    # One row of each group gets all the weight (p = 1 on its drafts, ~0 on the others):
+    # acceptance (1 + 3 * ~0) / 4, ESS fraction 1/N: the minimum is the ESS fraction.
+    log_p = torch.full((8, k), -40.0)
+    log_p[[1, 6]] = 0.0
     agreement = policy.round_agreement(log_p, same, counted, particles=4)
     assert torch.allclose(agreement, torch.tensor([0.25, 0.25], dtype=torch.float64), atol=1e-6)
+    # Every row equally poor (p = q / 10 everywhere): ESS = N, but acceptance 0.1 decides.
+    poor = policy.round_agreement(same + torch.log(torch.tensor(0.1)), same, counted, particles=4)
+    assert torch.allclose(poor, torch.tensor([0.1, 0.1], dtype=torch.float64), atol=1e-6)
     # Tokens that are not counted (finished rows, past the budget) do not weigh.
     none = torch.zeros_like(counted)
     assert torch.isnan(policy.round_agreement(log_p, same, none, particles=4)).all()
