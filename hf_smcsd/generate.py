@@ -31,6 +31,7 @@ SMC_KNOBS: dict[str, Any] = {
     "smc_resample_method": "systematic",
     "smc_alpha": 1.0,
     "smc_draft_processors": False,  # True: the draft proposes from the processed distribution too
+    "smc_compile": None,  # static runner: compile its steps (None: on CUDA only, as transformers does)
 }
 
 # Logits processors that look at the scores only, never at the tokens so far: they can be
@@ -141,6 +142,8 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
         )
         return original_generate(*args, assistant_model=draft, **kwargs)
     _check_unsupported(kwargs, generation_config, model)
+    # cache_implementation="static" selects the static runner (SMC-SD builds its caches itself).
+    knobs["static"] = (kwargs.pop("cache_implementation", None) or getattr(generation_config, "cache_implementation", None)) == "static"
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0))
     _stop_strings_to_criteria(kwargs, generation_config, model)
@@ -230,11 +233,11 @@ def _check_unsupported(kwargs: dict, generation_config, model) -> None:
     # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
     # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
     cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
-    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(kwargs.get("past_key_values")):
+    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS and cache_impl != "static" or compat.is_static_cache(kwargs.get("past_key_values")):
         raise ValueError(
             f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
-            "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
-            "Drop cache_implementation (the default dynamic cache is used)."
+            "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. Use "
+            "cache_implementation='static' (SMC-SD's own preallocated per-particle cache) or drop it."
         )
     if kwargs.get("past_key_values") is not None:
         raise ValueError(
@@ -367,9 +370,11 @@ def _smc_decode(
         if input_ids.shape[0] != 1:
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
+    runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
+                          max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
     result = smc_sample(
-        make_runner(model),
-        make_runner(smc_draft),
+        make_runner(model, **runner_options),
+        make_runner(smc_draft, **runner_options),
         input_ids,
         attention_mask,
         settings,
@@ -384,11 +389,19 @@ def _smc_decode(
     return _to_output(input_ids, result, pad, generation_config.return_dict_in_generate)
 
 
-def make_runner(model):
+def make_runner(model, static: bool = False, compile: bool | None = None, max_length: int | None = None):
     """The backend for a model: an object that brings its own runner (e.g. a compiled
-    engine) says so with a `smc_runner()` method; a transformers model gets the eager one."""
+    engine) says so with a `smc_runner()` method; a transformers model gets the eager one,
+    or with `static` the static one (compiled when `compile`, or on CUDA when it is None)."""
     factory = getattr(model, "smc_runner", None)
-    return factory() if callable(factory) else EagerRunner(model)
+    if callable(factory):
+        return factory()
+    if static:
+        from .runners.static import StaticRunner
+
+        compile = compat.input_device(model).type == "cuda" if compile is None else bool(compile)
+        return StaticRunner(model, max_length=max_length, compile=compile)
+    return EagerRunner(model)
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):

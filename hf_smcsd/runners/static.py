@@ -1,0 +1,364 @@
+"""The static runner: preallocated KV tensors written in place, and optionally compiled steps.
+
+Same contract as the eager runner (`base.Runner`), but the cache never reallocates on the hot
+path. Every layer owns two tensors `[rows, kv_heads, capacity, head_dim]`, allocated once at
+prefill. Each row has its own write cursor: a row's real tokens live in the contiguous slots
+`[start[r], cursor[r])` (`start` skips the row's left padding), so
+
+- `extend` writes the k new keys and values of every row at `cursor[r] .. cursor[r]+k-1`
+  (a scatter), with position ids `cursor[r] - start[r] + j`, and attends through a per-row
+  4D mask (`start[r] <= slot <= query slot`, and inside the window on sliding layers);
+- `rollback` moves cursors back (the stale slots are masked, then overwritten);
+- `reorder` copies the slots of the dying rows only, in place;
+- `keep` compacts the kept rows to the front; the physical row count shrinks by halves (a
+  smaller bucket) once half of it is unused, and the rows beyond the live ones are inert
+  (never advanced, never returned).
+
+Nothing in `extend`, `reorder`, `rollback` or `keep` reads a device value back: the host
+tracks an upper bound of the longest row (prompt width plus every token fed) and attends to
+the first `L` slots only, `L` rounded up to a power of two. When the bound would cross into
+the next `L` (exact-mode rollbacks make it loose), one `cursor.max()` tightens it.
+
+Compiled steps (`compile=True`): the forward, mask construction included, goes through
+`torch.compile` (mode "reduce-overhead" on CUDA, i.e. CUDA graphs). Shapes only change with
+the number of new tokens (1 or 2 for the draft, K or K+1 for the verify), the row bucket and
+the `L` bucket, so a run compiles a few graphs per model; the prefill runs uncompiled.
+
+The model runs its own transformers forward on a `Cache` of this module's kind, with the
+mask passed ready-made (4D, additive), so any family whose attention reads keys and values
+through the cache and whose positions come from `position_ids` works: the zoo families
+except Falcon with ALiBi, which rebuilds its bias from a 2D mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache
+
+from .. import compat
+from ..resampling import CopyPlan
+
+MIN_LENGTH_BUCKET = 64  # the smallest attended length; buckets then double
+# Model types whose attention cannot take a ready-made 4D mask (ALiBi is rebuilt from 2D).
+_NEEDS_2D_MASK = {"bloom", "mpt"}
+
+
+def length_bucket(length: int, capacity: int) -> int:
+    """The attended length for rows of up to `length` slots: a power of two (at least
+    `MIN_LENGTH_BUCKET`), capped at the capacity."""
+    bucket = MIN_LENGTH_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, capacity)
+
+
+class _SlotLayer:
+    """One layer's preallocated keys and values (allocated on the first write, where and in
+    the dtype the model computes them)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.is_initialized = False
+
+    def get_seq_length(self) -> int:
+        return 0
+
+
+class SlotCache(Cache):
+    """A transformers `Cache` whose rows each write at their own slots.
+
+    The runner sets `slots` `[rows, k]` (where this forward's tokens go), `rows` (physical rows
+    in use) and `length` (slots to attend) before each forward; `update` scatters the new keys
+    and values there and returns the first `length` slots.
+    """
+
+    def __init__(self, num_layers: int, rows: int, capacity: int):
+        super().__init__(layers=[_SlotLayer() for _ in range(num_layers)])
+        self.physical_rows = rows
+        self.capacity = capacity
+        self.rows = rows
+        self.length = capacity
+        self.slots: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            self._allocate(layer, key_states, value_states)
+        rows, length = self.rows, self.length
+        keys, values = layer.keys[:rows], layer.values[:rows]
+        index = self.slots[:, None, :, None]
+        keys.scatter_(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]), key_states.to(keys.dtype))
+        values.scatter_(2, index.expand(-1, values.shape[1], -1, values.shape[3]), value_states.to(values.dtype))
+        return keys[:, :, :length], values[:, :, :length]
+
+    def _allocate(self, layer, key_states, value_states) -> None:
+        def buffer(states):
+            shape = (self.physical_rows, states.shape[1], self.capacity, states.shape[3])
+            return torch.zeros(shape, dtype=states.dtype, device=states.device)
+
+        layer.keys, layer.values = buffer(key_states), buffer(value_states)
+        _mark_static(layer.keys, layer.values)
+        layer.is_initialized = True
+
+    def buffers(self):
+        for layer in self.layers:
+            if layer.is_initialized:
+                yield layer.keys
+                yield layer.values
+
+    def replace_buffers(self, make) -> None:
+        """Give every layer new tensors `make(old)` (a smaller row bucket, a longer capacity)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = make(layer.keys), make(layer.values)
+                _mark_static(layer.keys, layer.values)
+
+    # What transformers may ask a cache; positions and masks never come from here.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.length, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.physical_rows
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.capacity
+
+
+def _mark_static(*tensors) -> None:
+    # A fixed address lets CUDA graphs write into the buffers instead of copying them.
+    if not torch.compiler.is_compiling():
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+
+
+def _is_left_padded(mask: torch.Tensor) -> bool:
+    """True when every row is zeros then ones (its real tokens are contiguous at the end)."""
+    return bool((mask[:, 1:] >= mask[:, :-1]).all()) and bool(mask[:, -1].all())
+
+
+class StaticRunner:
+    """A transformers causal LM on preallocated per-row KV slots; see the module docstring.
+
+    `max_length` (slots per row: prompt width plus every token the row will be fed) sizes
+    the buffers once; without it they start at the prompt plus 64. Either way they double
+    (a copy, and new graphs when compiled) if a row ever needs more.
+    `compile=True` compiles the fixed-shape steps (`compile_mode` defaults to
+    "reduce-overhead" on CUDA, inductor's default elsewhere).
+    """
+
+    def __init__(self, model, max_length: int | None = None, compile: bool = False, compile_mode: str | None = None):
+        compat.check_supported_model(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model_type = getattr(config, "model_type", "")
+        if getattr(config, "alibi", False) or model_type in _NEEDS_2D_MASK:
+            raise ValueError(
+                f"The static runner does not support {type(model).__name__} with ALiBi (model_type={model_type!r}): "
+                "it builds its position bias from a 2D mask. Drop cache_implementation='static' to use the eager runner."
+            )
+        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+        if attn not in ("eager", "sdpa"):
+            raise ValueError(
+                f"The static runner passes a ready-made 4D mask, which attn_implementation={attn!r} cannot take: "
+                "load the model with attn_implementation='sdpa' (or 'eager'), or drop cache_implementation='static'."
+            )
+        self.model = model
+        self.vocab_size = compat.output_vocab_size(model)
+        self.input_device = compat.input_device(model)
+        self.max_length = max_length
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in parameters
+        self._takes_cache_position = "cache_position" in parameters  # 4.57: spares a get_seq_length()
+        self._takes_logits_to_keep = "logits_to_keep" in parameters
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer"))
+        self._mask_kinds = _mask_kinds(config)
+        window = getattr(config, "sliding_window", None)
+        self._window = int(window) if window else None
+        self._mask_dtype = next(model.parameters()).dtype
+        self.compiled = bool(compile)
+        if compile:
+            if compile_mode is None:
+                compile_mode = "reduce-overhead" if self.input_device.type == "cuda" else None
+            _allow_recompiles()
+            self._compiled_step = torch.compile(self._step, mode=compile_mode, dynamic=False)
+        self.cache: SlotCache | None = None
+        self.start: torch.Tensor | None = None  # [physical rows] first slot of each row's real tokens
+        self.cursor: torch.Tensor | None = None  # [physical rows] next free slot
+        self.live = 0  # rows the loop sees; physical rows beyond them are inert
+        self.bound = 0  # host-side upper bound of max(cursor)
+
+    # --- the forward: mask and positions from (start, cursor), then the model. ---
+
+    def _step(self, input_ids, start, cursor, length: int):
+        k = input_ids.shape[1]
+        offsets = torch.arange(k, device=input_ids.device)
+        slots = cursor.unsqueeze(1) + offsets  # [rows, k]
+        positions = (slots - start.unsqueeze(1)).clamp(min=0)
+        self.cache.slots = slots
+        kv = torch.arange(length, device=input_ids.device)
+        query = slots.unsqueeze(2)  # [rows, k, 1]
+        allowed = (kv >= start[:, None, None]) & (kv <= query)
+        blocked = torch.finfo(self._mask_dtype).min
+        masks = {}
+        for kind, sliding in self._mask_kinds:
+            ok = allowed & (query - kv < self._window) if sliding else allowed
+            additive = torch.zeros(ok.shape, dtype=self._mask_dtype, device=ok.device).masked_fill(~ok, blocked)
+            masks[kind] = additive[:, None]  # [rows, 1, k, length]
+        mask = masks[""] if "" in masks else masks
+        kwargs = {"attention_mask": mask, self._cache_argument: self.cache, "use_cache": True}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = positions
+        if self._takes_cache_position:
+            kwargs["cache_position"] = slots[0]
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = k
+        return self.model(input_ids=input_ids, **kwargs).logits[:, -k:, :]
+
+    @torch.no_grad()
+    def _forward(self, input_ids, compiled: bool) -> torch.Tensor:
+        if compiled:
+            if self.input_device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            logits = self._compiled_step(input_ids, self.start, self.cursor, self.cache.length)
+            return logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        return self._step(input_ids, self.start, self.cursor, self.cache.length).float()
+
+    # --- the Runner interface ---
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, particles: int) -> torch.Tensor:
+        out_device = input_ids.device
+        prompts, width = input_ids.shape
+        mask = attention_mask.to(self.input_device, torch.long)
+        if not _is_left_padded(mask):
+            raise ValueError(
+                "The static runner needs left-padded prompts (each row: padding, then its tokens): "
+                "use a tokenizer with padding_side='left', or drop cache_implementation='static'."
+            )
+        rows = prompts * particles
+        capacity = max(self.max_length or width + MIN_LENGTH_BUCKET, width + 1)
+        self.cache = SlotCache(self._num_layers, rows, capacity)
+        self.start = (width - mask.sum(-1)).to(torch.long)
+        self.cursor = torch.zeros(prompts, dtype=torch.long, device=self.input_device)
+        self.cache.rows, self.cache.length = prompts, length_bucket(width, capacity)
+        # The prompt runs once per prompt (uncompiled: its shape is the prompt's), then its
+        # slots are copied to the prompt's N rows.
+        logits = self._forward(input_ids.to(self.input_device), compiled=False)[:, -1]
+        for buffer in self.cache.buffers():
+            buffer[:rows, :, :width] = buffer[:prompts, :, :width].repeat_interleave(particles, dim=0)
+        self.start = self.start.repeat_interleave(particles)
+        self.cursor = torch.full((rows,), width, dtype=torch.long, device=self.input_device)
+        self.live, self.bound = rows, width
+        self.cache.rows = rows
+        return logits.to(out_device)
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        live, k = tokens.shape
+        rows = self.cache.physical_rows
+        self._make_room(k)
+        ids = tokens.to(self.input_device)
+        if rows > live:  # inert rows: any token, never advanced, never returned
+            ids = torch.cat([ids, ids.new_zeros(rows - live, k)])
+        logits = self._forward(ids, compiled=self.compiled)[:live]
+        if rows > live:
+            self.cursor[:live] += k
+        else:
+            self.cursor += k
+        self.bound += k
+        return logits.to(tokens.device)
+
+    def reorder(self, plan: CopyPlan) -> None:
+        if len(plan) == 0:
+            return
+        dest, src = plan.dest.to(self.input_device), plan.src.to(self.input_device)
+        for buffer in self.cache.buffers():
+            used = buffer[:, :, : self.cache.length]  # slots past L hold nothing a row can see
+            used.index_copy_(0, dest, used.index_select(0, src))
+        for state in (self.start, self.cursor):
+            state.index_copy_(0, dest, state.index_select(0, src))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.input_device)
+        live = rows.shape[0]
+        for buffer in self.cache.buffers():
+            used = buffer[:, :, : self.cache.length]
+            used[:live] = used.index_select(0, rows)
+        for state in (self.start, self.cursor):
+            state[:live] = state.index_select(0, rows)
+            state[live:] = 0  # inert rows write at slot 0 and see only themselves
+        physical = self.cache.physical_rows
+        while physical > 1 and live <= physical // 2:
+            physical //= 2
+        if physical < self.cache.physical_rows:
+            self.cache.replace_buffers(lambda buffer: buffer[:physical].clone())
+            self.start, self.cursor = self.start[:physical].clone(), self.cursor[:physical].clone()
+            self.cache.physical_rows = physical
+        self.cache.rows = physical
+        self.live = live
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        self.cursor[: self.live] -= drop.to(self.input_device, torch.long)
+
+    # --- lengths, on the host ---
+
+    def _make_room(self, k: int) -> None:
+        """Make sure the first `cache.length` slots hold every row after k more tokens."""
+        needed = self.bound + k
+        if needed <= self.cache.length:
+            return
+        # The bound is loose after rollbacks: read the real longest row once before growing.
+        self.bound = int(self.cursor.max())
+        needed = self.bound + k
+        if needed > self.cache.capacity:
+            self._grow(max(needed, 2 * self.cache.capacity))
+        if needed > self.cache.length:
+            self.cache.length = length_bucket(needed, self.cache.capacity)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.cache.capacity
+
+        def longer(buffer):
+            grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+            grown[:, :, :old] = buffer
+            return grown
+
+        self.cache.replace_buffers(longer)
+        self.cache.capacity = capacity
+
+
+def _mask_kinds(config) -> tuple[tuple[str, bool], ...]:
+    """The 4D masks the model takes, as (layer type, sliding) pairs. Models with sliding
+    layers among full ones (Gemma 2/3, Qwen 2/3 with windows) take a {layer type: mask}
+    dict; the others take one mask for every layer: sliding when the config has a window
+    and no layer types (Mistral, Phi-3 with a window), else full."""
+    layer_types = list(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" in layer_types:
+        return tuple((kind, kind == "sliding_attention") for kind in sorted(set(layer_types)))
+    sliding = bool(getattr(config, "sliding_window", None)) and not layer_types
+    return (("", sliding),)
+
+
+def _allow_recompiles() -> None:
+    """A run compiles one graph per (new tokens, row bucket, length bucket) and per model;
+    target and draft of one family share a forward, so raise dynamo's per-function limit."""
+    config = torch._dynamo.config
+    if getattr(config, "recompile_limit", 64) < 64:
+        config.recompile_limit = 64
