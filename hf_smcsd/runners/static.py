@@ -33,6 +33,7 @@ except Falcon with ALiBi, which rebuilds its bias from a 2D mask.
 from __future__ import annotations
 
 import inspect
+from typing import Callable, NamedTuple
 
 import torch
 from transformers.cache_utils import Cache
@@ -73,24 +74,24 @@ class _SlotLayer:
 class SlotCache(Cache):
     """A transformers `Cache` whose rows each write at their own slots.
 
-    The runner sets `slots` `[rows, k]` (where this forward's tokens go), `rows` (physical rows
-    in use) and `length` (slots to attend) before each forward; `update` scatters the new keys
-    and values there and returns the first `length` slots.
+    The runner sets `slots` `[rows, k]` (where this forward's tokens go) and `kv_index`
+    (`arange(length)`, the slots to attend) before each forward; `update` scatters the new
+    keys and values there and returns the first `length` slots.
     """
 
     def __init__(self, num_layers: int, rows: int, capacity: int):
         super().__init__(layers=[_SlotLayer() for _ in range(num_layers)])
         self.physical_rows = rows
         self.capacity = capacity
-        self.rows = rows
-        self.length = capacity
+        self.length = capacity  # host copy of len(kv_index)
         self.slots: torch.Tensor | None = None
+        self.kv_index: torch.Tensor | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             self._allocate(layer, key_states, value_states)
-        rows, length = self.rows, self.length
+        rows, length = key_states.shape[0], self.kv_index.shape[0]  # shapes, not attributes: no recompiles
         keys, values = layer.keys[:rows], layer.values[:rows]
         index = self.slots[:, None, :, None]
         keys.scatter_(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]), key_states.to(keys.dtype))
@@ -183,64 +184,30 @@ class StaticRunner:
         self.vocab_size = compat.output_vocab_size(model)
         self.input_device = compat.input_device(model)
         self.max_length = max_length
-        parameters = inspect.signature(model.forward).parameters
-        self._takes_position_ids = "position_ids" in parameters
-        self._takes_cache_position = "cache_position" in parameters  # 4.57: spares a get_seq_length()
-        self._takes_logits_to_keep = "logits_to_keep" in parameters
-        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._spec = _ForwardSpec.of(model, config)
         self._num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer"))
-        self._mask_kinds = _mask_kinds(config)
-        window = getattr(config, "sliding_window", None)
-        self._window = int(window) if window else None
-        self._mask_dtype = next(model.parameters()).dtype
         self.compiled = bool(compile)
-        if compile:
-            if compile_mode is None:
-                compile_mode = "reduce-overhead" if self.input_device.type == "cuda" else None
-            _allow_recompiles()
-            self._compiled_step = torch.compile(self._step, mode=compile_mode, dynamic=False)
+        if compile_mode is None:
+            compile_mode = "reduce-overhead" if self.input_device.type == "cuda" else "default"
+        self._compile_mode = compile_mode
+        self._slot_index: torch.Tensor | None = None  # arange(capacity), sliced: no arange per step
         self.cache: SlotCache | None = None
         self.start: torch.Tensor | None = None  # [physical rows] first slot of each row's real tokens
         self.cursor: torch.Tensor | None = None  # [physical rows] next free slot
         self.live = 0  # rows the loop sees; physical rows beyond them are inert
         self.bound = 0  # host-side upper bound of max(cursor)
 
-    # --- the forward: mask and positions from (start, cursor), then the model. ---
-
-    def _step(self, input_ids, start, cursor, length: int):
-        k = input_ids.shape[1]
-        offsets = torch.arange(k, device=input_ids.device)
-        slots = cursor.unsqueeze(1) + offsets  # [rows, k]
-        positions = (slots - start.unsqueeze(1)).clamp(min=0)
-        self.cache.slots = slots
-        kv = torch.arange(length, device=input_ids.device)
-        query = slots.unsqueeze(2)  # [rows, k, 1]
-        allowed = (kv >= start[:, None, None]) & (kv <= query)
-        blocked = torch.finfo(self._mask_dtype).min
-        masks = {}
-        for kind, sliding in self._mask_kinds:
-            ok = allowed & (query - kv < self._window) if sliding else allowed
-            additive = torch.zeros(ok.shape, dtype=self._mask_dtype, device=ok.device).masked_fill(~ok, blocked)
-            masks[kind] = additive[:, None]  # [rows, 1, k, length]
-        mask = masks[""] if "" in masks else masks
-        kwargs = {"attention_mask": mask, self._cache_argument: self.cache, "use_cache": True}
-        if self._takes_position_ids:
-            kwargs["position_ids"] = positions
-        if self._takes_cache_position:
-            kwargs["cache_position"] = slots[0]
-        if self._takes_logits_to_keep:
-            kwargs["logits_to_keep"] = k
-        return self.model(input_ids=input_ids, **kwargs).logits[:, -k:, :]
-
     @torch.no_grad()
-    def _forward(self, input_ids, compiled: bool) -> torch.Tensor:
+    def _forward(self, input_ids, compiled: bool, last_only: bool = False) -> torch.Tensor:
+        k = input_ids.shape[1]
+        self.cache.slots = self.cursor.unsqueeze(1) + self._slot_index[:k]  # where each row's new tokens go
+        self.cache.kv_index = self._slot_index[: self.cache.length]
         if compiled:
             if self.input_device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            logits = self._compiled_step(input_ids, self.start, self.cursor, self.cache.length)
+            logits = _compiled_step(self._compile_mode)(self._spec, self.model, self.cache, input_ids, self.start)
             return logits.float().clone() if logits.dtype == torch.float32 else logits.float()
-        return self._step(input_ids, self.start, self.cursor, self.cache.length).float()
+        return _step(self._spec, self.model, self.cache, input_ids, self.start, last_only).float()
 
     # --- the Runner interface ---
 
@@ -258,16 +225,16 @@ class StaticRunner:
         self.cache = SlotCache(self._num_layers, rows, capacity)
         self.start = (width - mask.sum(-1)).to(torch.long)
         self.cursor = torch.zeros(prompts, dtype=torch.long, device=self.input_device)
-        self.cache.rows, self.cache.length = prompts, length_bucket(width, capacity)
+        self.cache.length = length_bucket(width, capacity)
+        self._slot_index = torch.arange(capacity, device=self.input_device)
         # The prompt runs once per prompt (uncompiled: its shape is the prompt's), then its
         # slots are copied to the prompt's N rows.
-        logits = self._forward(input_ids.to(self.input_device), compiled=False)[:, -1]
+        logits = self._forward(input_ids.to(self.input_device), compiled=False, last_only=True)[:, -1]
         for buffer in self.cache.buffers():
             buffer[:rows, :, :width] = buffer[:prompts, :, :width].repeat_interleave(particles, dim=0)
         self.start = self.start.repeat_interleave(particles)
         self.cursor = torch.full((rows,), width, dtype=torch.long, device=self.input_device)
         self.live, self.bound = rows, width
-        self.cache.rows = rows
         return logits.to(out_device)
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -311,7 +278,6 @@ class StaticRunner:
             self.cache.replace_buffers(lambda buffer: buffer[:physical].clone())
             self.start, self.cursor = self.start[:physical].clone(), self.cursor[:physical].clone()
             self.cache.physical_rows = physical
-        self.cache.rows = physical
         self.live = live
 
     def rollback(self, drop: torch.Tensor) -> None:
@@ -342,6 +308,74 @@ class StaticRunner:
 
         self.cache.replace_buffers(longer)
         self.cache.capacity = capacity
+        self._slot_index = torch.arange(capacity, device=self.input_device)
+
+
+class _ForwardSpec(NamedTuple):
+    """What `_step` needs to know about a model, as constants (compiled code guards on them)."""
+
+    mask_kinds: tuple[tuple[str, bool], ...]
+    window: int | None
+    mask_dtype: torch.dtype
+    cache_argument: str
+    takes_position_ids: bool
+    takes_cache_position: bool
+    takes_logits_to_keep: bool
+
+    @classmethod
+    def of(cls, model, config) -> _ForwardSpec:
+        parameters = inspect.signature(model.forward).parameters
+        window = getattr(config, "sliding_window", None)
+        return cls(
+            mask_kinds=_mask_kinds(config),
+            window=int(window) if window else None,
+            mask_dtype=next(model.parameters()).dtype,
+            # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
+            cache_argument="cache" if "cache" in parameters else "past_key_values",
+            takes_position_ids="position_ids" in parameters,
+            takes_cache_position="cache_position" in parameters,  # 4.57: spares a get_seq_length()
+            takes_logits_to_keep="logits_to_keep" in parameters,
+        )
+
+
+def _step(spec: _ForwardSpec, model, cache: SlotCache, input_ids, start, last_only: bool = False):
+    """One forward of `input_ids` `[rows, k]` written at `cache.slots`: positions and the
+    per-row 4D masks come from the slots and each row's `start`. Module level, with the
+    runner's state as arguments, so that every runner of a model shares its compiled code."""
+    slots, kv = cache.slots, cache.kv_index
+    positions = (slots - start.unsqueeze(1)).clamp(min=0)
+    query = slots.unsqueeze(2)  # [rows, k, 1]
+    allowed = (kv >= start[:, None, None]) & (kv <= query)
+    blocked = torch.finfo(spec.mask_dtype).min
+    masks = {}
+    for kind, sliding in spec.mask_kinds:
+        ok = allowed & (query - kv < spec.window) if sliding else allowed
+        additive = torch.zeros(ok.shape, dtype=spec.mask_dtype, device=ok.device).masked_fill(~ok, blocked)
+        masks[kind] = additive[:, None]  # [rows, 1, k, length]
+    kwargs = {"attention_mask": masks[""] if "" in masks else masks, spec.cache_argument: cache, "use_cache": True}
+    if spec.takes_position_ids:
+        kwargs["position_ids"] = positions
+    if spec.takes_cache_position:
+        kwargs["cache_position"] = slots[0]
+    if last_only and spec.takes_logits_to_keep:
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=input_ids, **kwargs).logits
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(mode: str) -> Callable:
+    """`_step` through torch.compile, one per mode for the whole process. Shapes are marked
+    dynamic after the first change (dynamo's automatic dynamic shapes), so rows, new tokens
+    and attended length do not each cost a compile; CUDA graphs are still recorded per shape."""
+    if mode not in _COMPILED:
+        config = torch._dynamo.config
+        # Target and draft (and each family) add their own graphs to the same function.
+        if getattr(config, "recompile_limit", 64) < 64:
+            config.recompile_limit = 64
+        _COMPILED[mode] = torch.compile(_step, mode=mode)
+    return _COMPILED[mode]
 
 
 def _mask_kinds(config) -> tuple[tuple[str, bool], ...]:
@@ -354,11 +388,3 @@ def _mask_kinds(config) -> tuple[tuple[str, bool], ...]:
         return tuple((kind, kind == "sliding_attention") for kind in sorted(set(layer_types)))
     sliding = bool(getattr(config, "sliding_window", None)) and not layer_types
     return (("", sliding),)
-
-
-def _allow_recompiles() -> None:
-    """A run compiles one graph per (new tokens, row bucket, length bucket) and per model;
-    target and draft of one family share a forward, so raise dynamo's per-function limit."""
-    config = torch._dynamo.config
-    if getattr(config, "recompile_limit", 64) < 64:
-        config.recompile_limit = 64
