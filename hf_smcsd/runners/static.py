@@ -22,7 +22,9 @@ the next `L` (exact-mode rollbacks make it loose), one `cursor.max()` tightens i
 Compiled steps (`compile=True`): the forward, mask construction included, goes through
 `torch.compile` (mode "reduce-overhead" on CUDA, i.e. CUDA graphs). Shapes only change with
 the number of new tokens (1 or 2 for the draft, K or K+1 for the verify), the row bucket and
-the `L` bucket, so a run compiles a few graphs per model; the prefill runs uncompiled.
+the `L` bucket; shapes turn dynamic after their first change, so a model compiles about three
+graphs for the whole process, whatever the grid of N, K and batch sizes; the prefill runs
+uncompiled.
 
 The model runs its own transformers forward on a `Cache` of this module's kind, with the
 mask passed ready-made (4D, additive), so any family whose attention reads keys and values
@@ -366,15 +368,16 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _compiled_step(mode: str) -> Callable:
-    """`_step` through torch.compile, one per mode for the whole process. Shapes are marked
-    dynamic after the first change (dynamo's automatic dynamic shapes), so rows, new tokens
-    and attended length do not each cost a compile; CUDA graphs are still recorded per shape."""
+    """`_step` through torch.compile, one per mode for the whole process. Shapes become
+    dynamic after their first change (rows, new tokens, attended length), so a model compiles
+    about three graphs: its first shape, single-token steps (torch specialises sizes of 1) and
+    a general one. CUDA graphs are still recorded per shape: a capture, not a compile."""
     if mode not in _COMPILED:
         config = torch._dynamo.config
         # Target and draft (and each family) add their own graphs to the same function.
         if getattr(config, "recompile_limit", 64) < 64:
             config.recompile_limit = 64
-        _COMPILED[mode] = torch.compile(_step, mode=mode)
+        _COMPILED[mode] = torch.compile(_step, mode=mode, dynamic=True)
     return _COMPILED[mode]
 
 
