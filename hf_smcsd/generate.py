@@ -144,6 +144,8 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     _check_unsupported(kwargs, generation_config, model)
     # cache_implementation="static" selects the static runner (SMC-SD builds its caches itself).
     knobs["static"] = (kwargs.pop("cache_implementation", None) or getattr(generation_config, "cache_implementation", None)) == "static"
+    if knobs["smc_compile"] and not knobs["static"]:
+        raise ValueError("smc_compile=True compiles the static runner's steps: pass cache_implementation='static' too.")
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0))
     _stop_strings_to_criteria(kwargs, generation_config, model)

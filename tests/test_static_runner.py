@@ -171,6 +171,11 @@ def test_generate_with_static_cache_gives_the_eager_tokens():
         ))
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert torch.equal(outs[0].particle_sequences, outs[1].particle_sequences)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        target.generate(input_ids=ids, assistant_model=draft, smc_particles=2, do_sample=True, smc_compile=True)
+    with pytest.raises(ValueError, match="cache_implementation='sliding_window'"):
+        target.generate(input_ids=ids, assistant_model=draft, smc_particles=2, do_sample=True,
+                        cache_implementation="sliding_window")
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
