@@ -35,6 +35,7 @@ except Falcon with ALiBi, which rebuilds its bias from a 2D mask.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -88,6 +89,8 @@ class SlotCache(Cache):
         self.length = capacity  # host copy of len(kv_index)
         self.slots: torch.Tensor | None = None
         self.kv_index: torch.Tensor | None = None
+        self._held: list[torch.Tensor] = []  # taken from the pool; given back when this cache goes
+        weakref.finalize(self, _POOL.give, self._held)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -103,11 +106,15 @@ class SlotCache(Cache):
     def _allocate(self, layer, key_states, value_states) -> None:
         def buffer(states):
             shape = (self.physical_rows, states.shape[1], self.capacity, states.shape[3])
-            return torch.zeros(shape, dtype=states.dtype, device=states.device)
+            return self._take(shape, states)
 
         layer.keys, layer.values = buffer(key_states), buffer(value_states)
-        _mark_static(layer.keys, layer.values)
         layer.is_initialized = True
+
+    def _take(self, shape, like: torch.Tensor) -> torch.Tensor:
+        tensor = _POOL.take(tuple(shape), like.dtype, like.device)
+        self._held.append(tensor)
+        return tensor
 
     def buffers(self):
         for layer in self.layers:
@@ -115,12 +122,21 @@ class SlotCache(Cache):
                 yield layer.keys
                 yield layer.values
 
-    def replace_buffers(self, make) -> None:
-        """Give every layer new tensors `make(old)` (a smaller row bucket, a longer capacity)."""
+    def resize(self, rows: int, capacity: int) -> None:
+        """Move every layer to buffers of `rows` x `capacity` (a smaller row bucket, a longer
+        capacity), keeping the first rows and slots; the old buffers go back to the pool."""
+        keep_rows, keep_slots = min(rows, self.physical_rows), min(capacity, self.capacity)
         for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys, layer.values = make(layer.keys), make(layer.values)
-                _mark_static(layer.keys, layer.values)
+            if not layer.is_initialized:
+                continue
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = self._take((rows, old.shape[1], capacity, old.shape[3]), old)
+                new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
+                setattr(layer, name, new)
+                self._held[:] = [t for t in self._held if t is not old]
+                _POOL.give([old])
+        self.physical_rows, self.capacity = rows, capacity
 
     # What transformers may ask a cache; positions and masks never come from here.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -143,6 +159,39 @@ class SlotCache(Cache):
     @property
     def max_cache_len(self) -> int:
         return self.capacity
+
+
+class _BufferPool:
+    """Free KV buffers by (shape, dtype, device), for every static runner of the process.
+
+    A cache takes its buffers at prefill and gives them back when it is dropped (or trades
+    them for another size), so the next generate() of the same shape writes into the same
+    tensors: CUDA graphs recorded on them replay instead of being captured again. Like
+    transformers' own static cache, the memory stays reserved: `release_buffers()` frees it.
+    """
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        stack = self.free.get((shape, dtype, device))
+        if stack:
+            return stack.pop()  # stale contents are harmless: every slot is written before it is unmasked
+        tensor = torch.zeros(shape, dtype=dtype, device=device)
+        _mark_static(tensor)
+        return tensor
+
+    def give(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self.free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+
+
+_POOL = _BufferPool()
+
+
+def release_buffers() -> None:
+    """Free the KV buffers that finished static runners left for reuse."""
+    _POOL.free.clear()
 
 
 def _mark_static(*tensors) -> None:
@@ -277,9 +326,8 @@ class StaticRunner:
         while physical > 1 and live <= physical // 2:
             physical //= 2
         if physical < self.cache.physical_rows:
-            self.cache.replace_buffers(lambda buffer: buffer[:physical].clone())
+            self.cache.resize(physical, self.cache.capacity)
             self.start, self.cursor = self.start[:physical].clone(), self.cursor[:physical].clone()
-            self.cache.physical_rows = physical
         self.live = live
 
     def rollback(self, drop: torch.Tensor) -> None:
@@ -301,15 +349,7 @@ class StaticRunner:
             self.cache.length = length_bucket(needed, self.cache.capacity)
 
     def _grow(self, capacity: int) -> None:
-        old = self.cache.capacity
-
-        def longer(buffer):
-            grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
-            grown[:, :, :old] = buffer
-            return grown
-
-        self.cache.replace_buffers(longer)
-        self.cache.capacity = capacity
+        self.cache.resize(self.cache.physical_rows, capacity)
         self._slot_index = torch.arange(capacity, device=self.input_device)
 
 
