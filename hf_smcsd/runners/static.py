@@ -1,8 +1,8 @@
 """The static runner: preallocated KV tensors written in place, and optionally compiled steps.
 
 Same contract as the eager runner (`base.Runner`), but the cache never reallocates on the hot
-path. Every layer owns two tensors `[rows, kv_heads, capacity, head_dim]`, allocated once at
-prefill. Each row has its own write cursor: a row's real tokens live in the contiguous slots
+path. Every layer owns two tensors `[rows, kv_heads, capacity, head_dim]`, taken once at
+prefill from a process-wide pool (the next generate() of the same shape gets them back). Each row has its own write cursor: a row's real tokens live in the contiguous slots
 `[start[r], cursor[r])` (`start` skips the row's left padding), so
 
 - `extend` writes the k new keys and values of every row at `cursor[r] .. cursor[r]+k-1`
@@ -177,7 +177,8 @@ class _BufferPool:
         stack = self.free.get((shape, dtype, device))
         if stack:
             return stack.pop()  # stale contents are harmless: every slot is written before it is unmasked
-        tensor = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # reusable outside inference mode too (in-place writes)
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
         _mark_static(tensor)
         return tensor
 
