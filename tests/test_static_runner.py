@@ -141,7 +141,7 @@ def test_sized_runner_writes_in_place_and_grows_past_its_size():
     runner.prefill(ids, mask, 2)
     keys = runner.cache.layers[0].keys
     runner.extend(torch.tensor([[3, 4], [3, 4]]))
-    assert runner.cache.layers[0].keys is keys and keys.shape[2] == 9  # written in place
+    assert runner.cache.layers[0].keys is keys and runner.cache.capacity == 9  # written in place
     logits = runner.extend(torch.tensor([[3, 4, 5, 6, 8], [3, 4, 5, 7, 8]]))
     assert runner.cache.capacity == 18
     check_rows(target, [PROMPTS[0] + [3, 4, 3, 4, 5, 6, 8], PROMPTS[0] + [3, 4, 3, 4, 5, 7, 8]], logits, 5)

@@ -45,6 +45,9 @@ from .. import compat
 from ..resampling import CopyPlan
 
 MIN_LENGTH_BUCKET = 64  # the smallest attended length; buckets then double
+# Buffers hold one slot more than the capacity, never attended: the attended length is then
+# always a strict slice of the buffer, and compiled code need not specialise on `L == size`.
+_SPARE_SLOTS = 1
 # Model types whose attention cannot take a ready-made 4D mask (ALiBi is rebuilt from 2D).
 _NEEDS_2D_MASK = {"bloom", "mpt"}
 
@@ -105,7 +108,7 @@ class SlotCache(Cache):
 
     def _allocate(self, layer, key_states, value_states) -> None:
         def buffer(states):
-            shape = (self.physical_rows, states.shape[1], self.capacity, states.shape[3])
+            shape = (self.physical_rows, states.shape[1], self.capacity + _SPARE_SLOTS, states.shape[3])
             return self._take(shape, states)
 
         layer.keys, layer.values = buffer(key_states), buffer(value_states)
@@ -131,7 +134,7 @@ class SlotCache(Cache):
                 continue
             for name in ("keys", "values"):
                 old = getattr(layer, name)
-                new = self._take((rows, old.shape[1], capacity, old.shape[3]), old)
+                new = self._take((rows, old.shape[1], capacity + _SPARE_SLOTS, old.shape[3]), old)
                 new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
                 setattr(layer, name, new)
                 self._held[:] = [t for t in self._held if t is not old]
