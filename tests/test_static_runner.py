@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 import transformers
+from torch._dynamo.utils import counters
 
 import hf_smcsd
 from hf_smcsd import zoo
@@ -212,3 +213,11 @@ def test_compiled_steps_equal_the_uncompiled_ones():
         runner.rollback(torch.tensor([1, 0, 2, 0]))
     new = torch.randint(3, zoo.VOCAB_SIZE, (4, 1), generator=generator)
     torch.testing.assert_close(runners[1].extend(new), runners[0].extend(new), atol=ATOL, rtol=RTOL)
+    # Shapes already seen compile nothing more, also from a strided slice (the loop feeds
+    # `new_tokens[:, -2:]` to the draft) and in a new runner of the same model.
+    graphs = counters["stats"]["unique_graphs"]
+    again = StaticRunner(target, compile=True)
+    again.prefill(ids, mask, 2)
+    for k in (2, 1, 1):
+        again.extend(torch.randint(3, zoo.VOCAB_SIZE, (4, 5), generator=generator)[:, -k:])
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -296,7 +296,7 @@ class StaticRunner:
         live, k = tokens.shape
         rows = self.cache.physical_rows
         self._make_room(k)
-        ids = tokens.to(self.input_device)
+        ids = tokens.to(self.input_device).contiguous()  # a slice's strides would be guarded on: recompiles
         if rows > live:  # inert rows: any token, never advanced, never returned
             ids = torch.cat([ids, ids.new_zeros(rows - live, k)])
         logits = self._forward(ids, compiled=self.compiled)[:live]
