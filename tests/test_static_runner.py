@@ -221,3 +221,9 @@ def test_compiled_steps_equal_the_uncompiled_ones():
     for k in (2, 1, 1):
         again.extend(torch.randint(3, zoo.VOCAB_SIZE, (4, 5), generator=generator)[:, -k:])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_static_runner_satisfies_the_runner_interface():
+    from hf_smcsd.runners.base import Runner
+
+    assert isinstance(StaticRunner(model("llama")), Runner)
