@@ -4,7 +4,7 @@
 #   target alone: eager (dynamic cache) and transformers' static cache + torch.compile;
 #   SMC-SD N=4,8 x K=4,8: eager runner and the static runner with compiled steps (CUDA graphs);
 #   batch sizes 1 and 8; 128 new tokens. Prints a table, writes results/gpu_bench/bench.{json,csv}.
-# Sized for under ten minutes on one H100/H200, compiles included.
+# Aimed at under ten minutes on one H100/H200, compiles included (an estimate: not yet run on a GPU).
 #
 #   bash scripts/gpu_bench.sh            # the GPU run (needs CUDA)
 #   bash scripts/gpu_bench.sh --smoke    # tiny shapes on the CPU, ~1 min with compiles: checks the script
