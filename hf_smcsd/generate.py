@@ -36,6 +36,7 @@ SMC_KNOBS: dict[str, Any] = {
     "smc_mode": "smc",  # "smc", "exact" (lossless), "mixed" (smc_schedule), "auto" (smc_auto_threshold)
     "smc_schedule": policy.DEFAULT_SCHEDULE,  # mixed: (exact rounds, SMC-SD rounds), repeating
     "smc_auto_threshold": policy.DEFAULT_AUTO_THRESHOLD,  # auto: SMC-SD where draft and target agree this much
+    "smc_compile": None,  # static runner: compile its steps (None: on CUDA only, as transformers does)
 }
 
 # Logits processors that look at the scores only, never at the tokens so far: they can be
@@ -206,6 +207,10 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     knobs, shared_vocab = _check_request(model, draft, knobs, kwargs, generation_config)
     # do_sample=False: greedy verification of the N sampled draft chains (exact, any batch size).
     greedy = not _setting("do_sample", kwargs, generation_config, model)
+    # cache_implementation="static" selects the static runner (SMC-SD builds its caches itself).
+    knobs["static"] = (kwargs.pop("cache_implementation", None) or getattr(generation_config, "cache_implementation", None)) == "static"
+    if knobs["smc_compile"] and not knobs["static"]:
+        raise ValueError("smc_compile=True compiles the static runner's steps: pass cache_implementation='static' too.")
     # Validate the knobs now, before generate() does any work (max_new_tokens is checked later).
     SMCSettings(**_settings_kwargs(
         knobs, temperature=_setting("temperature", kwargs, generation_config, model) or 1.0, greedy=greedy
@@ -402,9 +407,11 @@ def _smc_decode(
         if input_ids.shape[0] != 1:
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
+    runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
+                          max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
     result = smc_sample(
-        make_runner(model, smc_vocab),
-        make_runner(smc_draft, smc_vocab),
+        make_runner(model, smc_vocab, **runner_options),
+        make_runner(smc_draft, smc_vocab, **runner_options),
         input_ids,
         attention_mask,
         settings,
@@ -471,12 +478,22 @@ def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, 
     )
 
 
-def make_runner(model, vocab_size: int | None = None):
+def make_runner(model, vocab_size: int | None = None, static: bool = False, compile: bool | None = None,
+                max_length: int | None = None):
     """The backend for a model: an object that brings its own runner (e.g. a compiled
-    engine) says so with a `smc_runner()` method; a transformers model gets the eager one.
+    engine) says so with a `smc_runner()` method; a transformers model gets the eager one,
+    or with `static` the static one (compiled when `compile`, or on CUDA when it is None).
     With `vocab_size`, its logits are cut to the ids both models share (padded widths)."""
     factory = getattr(model, "smc_runner", None)
-    runner = factory() if callable(factory) else EagerRunner(model)
+    if callable(factory):
+        runner = factory()
+    elif static:
+        from .runners.static import StaticRunner
+
+        compile = compat.input_device(model).type == "cuda" if compile is None else bool(compile)
+        runner = StaticRunner(model, max_length=max_length, compile=compile)
+    else:
+        runner = EagerRunner(model)
     if vocab_size is not None and vocab_size < runner.vocab_size:
         runner = SharedVocabulary(runner, vocab_size)
     return runner

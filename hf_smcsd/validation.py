@@ -133,7 +133,8 @@ KNOB_KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "smc_draft_processors": (flag, "apply the target's logits processors to the draft too"),
     "smc_mode": (choice(*MODES), "how rounds verify the draft"),
     "smc_schedule": (schedule, "(exact rounds, SMC rounds) of the mixed mode"),
-    "smc_auto_threshold": (fraction, "the acceptance rate at which the auto mode switches"),
+    "smc_auto_threshold": (fraction, "the agreement above which the auto mode runs SMC-SD rounds"),
+    "smc_compile": (optional(flag), "compile the static runner's steps (None: on CUDA only)"),
 }
 
 
@@ -178,11 +179,13 @@ def check_generate_args(kwargs: dict, setting: Callable[[str], Any], generation_
     # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
     cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
     passed = compat.passed_cache(kwargs)  # under the name 5.24+ uses (`cache`) or the old one
-    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS or compat.is_static_cache(passed):
+    # "static" selects SMC-SD's own static runner (preallocated per-particle KV); the others
+    # are transformers' fixed-size caches, which cannot hold N rows per prompt.
+    if cache_impl in compat.STATIC_CACHE_IMPLEMENTATIONS and cache_impl != "static" or compat.is_static_cache(passed):
         raise ValueError(
             f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
             "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
-            "Drop cache_implementation (the default dynamic cache is used)."
+            "Use cache_implementation='static' (SMC-SD's own preallocated per-particle cache) or drop it."
         )
     if passed is not None:
         name = next(n for n in compat.CACHE_KWARGS if kwargs.get(n) is not None)

@@ -202,3 +202,24 @@ def test_bad_mode_settings_are_refused(pair):
     ):
         with pytest.raises(ValueError, match=pattern):
             hf_smcsd.smc_generate(target, draft, ids, do_sample=True, max_new_tokens=4, **kwargs)
+
+
+def test_exact_and_greedy_on_the_static_runner_match_the_eager_runner(pair):
+    """Exact rounds' rollbacks and winner copies through the static runner: greedy gives the
+    target's greedy text, and a seeded exact-mode run gives the eager runner's tokens."""
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]])
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0,
+                               eos_token_id=None)
+    got = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=4,
+                                do_sample=False, max_new_tokens=15, pad_token_id=0, eos_token_id=None,
+                                cache_implementation="static")
+    assert torch.equal(got, expected)
+    runs = []
+    for extra in ({}, dict(cache_implementation="static")):
+        torch.manual_seed(3)
+        runs.append(hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=4,
+                                          smc_mode="mixed", smc_schedule=(2, 1), do_sample=True, max_new_tokens=15,
+                                          pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, **extra))
+    assert runs[0].round_modes == runs[1].round_modes
+    assert torch.equal(runs[0].sequences, runs[1].sequences)

@@ -163,7 +163,7 @@ def test_plain_function_leaves_model_unpatched(pair):
         (dict(smc_alpha=0.0), "smc_alpha"),
         (dict(smc_resample_method="bogus"), "smc_resample_method"),
         (dict(smc_draft_temperature=0.0), "smc_draft_temperature"),
-        (dict(cache_implementation="static"), "cache_implementation"),
+        (dict(cache_implementation="sliding_window"), "cache_implementation"),
         (dict(num_beams=2), "num_beams"),
         (dict(prefix_allowed_tokens_fn=lambda b, s: [1, 2]), "prefix_allowed_tokens_fn"),
     ],

@@ -6,6 +6,7 @@ side by side, on the same prompts, `max_new_tokens` and temperature, in one proc
     hf-smcsd bench --modes smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 --gammas 4,8   # the engine's modes
     hf-smcsd bench --target meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct \\
         --device cuda --dtype bfloat16 --max-new-tokens 256 --batch-sizes 1,8,32
+    hf-smcsd bench --shapes llama-3.1-8b,llama-3.2-1b --device cuda --runners eager,static-compiled
 
 For every configuration: tokens/s (median over `--repeats` timed runs after `--warmup`
 untimed ones; methods are interleaved within each repeat so that they see the same load),
@@ -18,6 +19,13 @@ speculative sampling over the N particles), mixed (`--mixed-schedule`) and auto,
 its own N grid if given (`exact:1/4/8`); every engine method runs at every `--gammas` K.
 Assisted generation in transformers runs batch size 1 only: larger batches are listed as
 unavailable, not as zero. Writes bench.csv, bench.json and two PNG plots into `--out-dir`.
+
+`--shapes TARGET,DRAFT` builds seeded random-weight models of published shapes offline
+(`hf_smcsd.bench.shapes`; speed does not depend on the weights) with random prompts.
+`--runners` runs the target alone and SMC-SD on each backend: `eager` (dynamic cache),
+`static` (preallocated KV: transformers' static cache for the target alone, SMC-SD's static
+runner) and `static-compiled` (the same with torch.compile, CUDA graphs on GPUs: for the
+target alone this is transformers' fastest plain generation).
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ from .common import pareto_front  # noqa: F401  (bench.pareto_front, as before)
 
 ASSISTED_UNAVAILABLE = "transformers' assisted generation supports batch size 1 only"
 COLUMNS = [
-    "method", "batch_size", "particles", "gamma", "available", "tokens_per_s", "tokens_per_s_repeats",
-    "seconds_median", "new_tokens", "speedup_vs_target", "speedup_vs_assisted", "target_loglik_per_token",
+    "method", "runner", "batch_size", "particles", "gamma", "available", "tokens_per_s", "tokens_per_s_repeats",
+    "seconds_median", "new_tokens", "speedup_vs_target", "speedup_vs_fastest_target", "speedup_vs_assisted", "target_loglik_per_token",
     "target_loglik_stderr", "mean_ess", "mean_ess_fraction", "resample_rate", "rounds",
     "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
     "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other",
@@ -53,6 +61,7 @@ class Config:
     gamma: int | str | None = None  # assisted: an int or "default" (transformers' own settings)
     schedule: tuple[int, int] | None = None  # mixed: (exact rounds, SMC-SD rounds)
     auto_threshold: float | None = None  # auto: None keeps the library's default
+    runner: str = "eager"  # see RUNNERS
 
     @property
     def engine(self) -> bool:
@@ -68,28 +77,52 @@ class Config:
 
     @property
     def label(self) -> str:
+        runner = "" if self.runner == "eager" else f" [{self.runner}]"
         if self.engine:
-            return f"{self.name} b={self.batch_size}"
+            return f"{self.name} b={self.batch_size}{runner}"
         if self.method == "assisted":
             return f"assisted K={self.gamma} b={self.batch_size}"
-        return f"target b={self.batch_size}"
+        return f"target b={self.batch_size}{runner}"
+
+
+# Backends for the target alone and the engine's methods (assisted generation runs eager only).
+RUNNERS = ("eager", "static", "static-compiled")
 
 
 def build_configs(batch_sizes, particles, gammas, assisted_gammas, modes=None, schedule=common.DEFAULT_SCHEDULE,
-                  auto_threshold=None) -> list[Config]:
+                  auto_threshold=None, runners=("eager",)) -> list[Config]:
     """`modes`: [(engine method, its N grid)], as `common.parse_modes` gives; default SMC-SD
-    over `particles`."""
+    over `particles`. Every engine method and the target alone run on each of `runners`."""
     modes = modes if modes is not None else [("smc-sd", particles)]
     configs = []
     for b in batch_sizes:
-        configs.append(Config("target", b))
+        configs.extend(Config("target", b, runner=r) for r in runners)
         configs.extend(Config("assisted", b, gamma=g) for g in assisted_gammas)
         for method, grid in modes:
             extra = {"schedule": tuple(schedule)} if method == "mixed" else {}
             if method == "auto":
                 extra["auto_threshold"] = auto_threshold
-            configs.extend(Config(method, b, particles=n, gamma=k, **extra) for n in grid for k in gammas)
+            configs.extend(Config(method, b, particles=n, gamma=k, runner=r, **extra)
+                           for r in runners for n in grid for k in gammas)
     return configs
+
+
+def runner_kwargs(config: Config, device: torch.device) -> dict:
+    """generate() arguments that select a configuration's backend."""
+    if config.runner == "eager":
+        return {}
+    compiled = config.runner == "static-compiled"
+    if config.engine:
+        return dict(cache_implementation="static", smc_compile=compiled)
+    if not compiled:
+        return dict(cache_implementation="static", disable_compile=True)
+    from transformers import CompileConfig
+
+    # transformers compiles generate()'s forward with a static cache on GPUs; on other
+    # devices only when told to (a private flag of CompileConfig, as its tests do).
+    compile_config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+    compile_config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=compile_config)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +161,7 @@ class assistant_settings:
 
 def generate_once(config: Config, target, draft, input_ids, attention_mask, sampling: dict):
     """One generate() call of a configuration: (new tokens [B, W], the raw output)."""
+    sampling = dict(sampling, **runner_kwargs(config, input_ids.device))
     if config.method == "target":
         out = target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)
         return out[:, input_ids.shape[1]:], out
@@ -185,7 +219,7 @@ def smc_diagnostics(outputs: list, particles: int) -> dict:
 def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_sizes, particles, gammas,
               assisted_gammas=("default",), max_new_tokens=64, temperature=0.7, repeats=3, warmup=1,
               seed=0, stop_ids=(), ignore_eos=True, device=None, log=print, modes=None,
-              schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> list[dict]:
+              schedule=common.DEFAULT_SCHEDULE, auto_threshold=None, runners=("eager",)) -> list[dict]:
     """Measure every configuration; returns one row (dict with `COLUMNS`) per configuration.
 
     `prompts` are token-id lists; batch size b uses the first b. With `ignore_eos` every
@@ -203,7 +237,10 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
     stops = [] if ignore_eos else list(stop_ids)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id, eos_token_id=None if ignore_eos else stops)
-    configs = build_configs(batch_sizes, particles, gammas, assisted_gammas, modes, schedule, auto_threshold)
+    unknown = sorted(set(runners) - set(RUNNERS))
+    if unknown:
+        raise ValueError(f"runners={list(runners)}: unknown {unknown}; use {', '.join(RUNNERS)}")
+    configs = build_configs(batch_sizes, particles, gammas, assisted_gammas, modes, schedule, auto_threshold, runners)
     runnable = [c for c in configs if c.available]
     batches = {b: left_pad(prompts[:b], pad_id) for b in batch_sizes}
     times = {c: [] for c in runnable}
@@ -221,6 +258,9 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         common.synchronize(device)
         return time.perf_counter() - start, tokens.cpu(), out
 
+    # transformers reuses its static cache and resizes it once when batch sizes alternate: one
+    # more warmup pass keeps that recompile out of the timed runs.
+    warmup += int("static-compiled" in runners and warmup > 0)
     with torch.inference_mode():
         for w in range(warmup):
             for config in runnable:
@@ -241,8 +281,8 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         # tokens per prompt per target forward (its prefill, then one verify per round).
         splits, per_call = {}, {}
         for config in runnable:
-            if not config.engine:
-                continue
+            if not config.engine or config.runner != "eager":
+                continue  # the split times eager runners only (a timed call would break compiled steps apart)
             timer = common.Timer(device)
             with common.instrumented(target, draft, timer):
                 seconds, tokens, out = call(config, seed + 20_000)
@@ -255,6 +295,9 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         # (SMC-SD gets K+1 per round by construction, after one prefill).
         for config in runnable:
             if config.engine:
+                continue
+            if config.runner != "eager":  # target alone: one token per forward on any backend
+                per_call[config] = 1.0
                 continue
             with CountCalls(target) as counter:
                 _, tokens, _ = call(config, seed + 30_000)
@@ -272,9 +315,9 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
 
     rows = []
     for config in configs:
-        row = {"method": config.method, "batch_size": config.batch_size, "particles": config.particles,
-               "gamma": config.gamma, "available": config.available, "note": "", "name": config.name,
-               "schedule": config.schedule, "auto_threshold": config.auto_threshold}
+        row = {"method": config.method, "runner": config.runner, "batch_size": config.batch_size,
+               "particles": config.particles, "gamma": config.gamma, "available": config.available, "note": "",
+               "name": config.name, "schedule": config.schedule, "auto_threshold": config.auto_threshold}
         if not config.available:
             row["note"] = ASSISTED_UNAVAILABLE
             rows.append(row)
@@ -283,10 +326,10 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         row.update(tokens_per_s=common.median(rates), tokens_per_s_repeats=rates,
                    seconds_median=common.median(times[config]), new_tokens=int(counts[config][0].sum()),
                    target_loglik_per_token=logliks[config][0], target_loglik_stderr=logliks[config][1])
-        row["tokens_per_target_call"] = per_call[config]
+        row["tokens_per_target_call"] = per_call.get(config)
         if config.engine:
             row.update(smc_diagnostics(outputs[config], config.particles))
-            row.update(splits[config])
+            row.update(splits.get(config) or {f"ms_per_round_{p}": None for p in common.TIME_PARTS})
         rows.append(row)
     add_speedups(rows)
     return rows
@@ -295,17 +338,24 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
 def add_speedups(rows: list[dict]) -> None:
     """Speedup over the target alone (same batch size) and over the fastest assisted
     setting (batch size 1 only; None where assisted generation is unavailable)."""
-    target = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["method"] == "target" and r["available"]}
+    target, fastest = {}, {}  # the eager target alone (or the first backend run), and the fastest backend
+    for r in rows:
+        if r["method"] == "target" and r["available"]:
+            b = r["batch_size"]
+            if b not in target or r.get("runner", "eager") == "eager":
+                target[b] = r["tokens_per_s"]
+            fastest[b] = max(fastest.get(b, 0.0), r["tokens_per_s"])
     assisted = {}
     for r in rows:
         if r["method"] == "assisted" and r["available"]:
             assisted[r["batch_size"]] = max(assisted.get(r["batch_size"], 0.0), r["tokens_per_s"])
     for r in rows:
         if not r["available"]:
-            r["speedup_vs_target"] = r["speedup_vs_assisted"] = None
+            r["speedup_vs_target"] = r["speedup_vs_assisted"] = r["speedup_vs_fastest_target"] = None
             continue
         b = r["batch_size"]
         r["speedup_vs_target"] = r["tokens_per_s"] / target[b] if b in target else None
+        r["speedup_vs_fastest_target"] = r["tokens_per_s"] / fastest[b] if b in fastest else None
         r["speedup_vs_assisted"] = r["tokens_per_s"] / assisted[b] if b in assisted else None
 
 
@@ -353,23 +403,24 @@ def summarize(rows: list[dict], min_particles: int = 4) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'method':<11}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x assist':>10}"
-              f"{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
+    header = (f"{'method':<11}{'runner':<16}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x fastest':>10}"
+              f"{'x assist':>10}{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
               f"{'/'.join(common.TIME_PARTS)} (ms/round)")
     lines = [header, "-" * len(header)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
     for r in rows:
         method = common.method_column(r)
         if not r["available"]:
-            lines.append(f"{method:<11}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
+            lines.append(f"{method:<11}{r.get('runner', 'eager'):<16}{r['batch_size']:>3}{'':>4}{str(r['gamma']):>8}"
                          f"{'n/a':>9}   unavailable: {r['note']}")
             continue
         split = ""
-        if r["method"] in common.ENGINE_MODES:
+        if r["method"] in common.ENGINE_MODES and r.get("ms_per_round_draft") is not None:
             split = "/".join(f"{r[f'ms_per_round_{p}']:.1f}" for p in common.TIME_PARTS)
         lines.append(
-            f"{method:<11}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}{str(r['gamma'] or '-'):>8}"
-            f"{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
+            f"{method:<11}{r.get('runner', 'eager'):<16}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}"
+            f"{str(r['gamma'] or '-'):>8}{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}"
+            f"{fmt(r.get('speedup_vs_fastest_target'), '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
             f"{r['target_loglik_per_token']:>12.3f}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
             f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
         )
@@ -439,6 +490,13 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hf-smcsd bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     common.add_model_arguments(parser)
+    parser.add_argument("--shapes", default=None,
+                        help="TARGET,DRAFT: random-weight models of these shapes instead of --target/--draft, with "
+                        "random prompts (speed only; see hf_smcsd/bench/shape_configs: llama-3.1-8b, llama-3.2-1b, "
+                        "smcsd-134m, smcsd-18m, tiny-target, tiny-draft)")
+    parser.add_argument("--runners", default="eager",
+                        help="backends for the target alone and SMC-SD, comma-separated: eager, static, static-compiled "
+                        "(default eager)")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     parser.add_argument("--particles", default="1,2,4,8", help="SMC-SD N grid (default 1,2,4,8)")
     parser.add_argument("--gammas", default="2,4,8", help="K grid of every engine method (default 2,4,8)")
@@ -473,6 +531,16 @@ def parse_args(argv):
                                 for g in assisted]
     except ValueError as error:
         parser.error(str(error))
+    args.runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    unknown = sorted(set(args.runners) - set(RUNNERS))
+    if unknown or not args.runners:
+        parser.error(f"--runners {','.join(args.runners)}: use some of {', '.join(RUNNERS)}")
+    if args.shapes is not None:
+        if args.target or args.draft:
+            parser.error("--shapes replaces --target and --draft: pass one or the other")
+        args.shapes = [s.strip() for s in args.shapes.split(",")]
+        if len(args.shapes) != 2:
+            parser.error(f"--shapes needs TARGET,DRAFT (two names); got {args.shapes}")
     for name in ("max_new_tokens", "repeats", "summary_min_particles"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
@@ -481,6 +549,20 @@ def parse_args(argv):
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0 (got {args.temperature}); every method here samples")
     return parser, args
+
+
+def shaped_pair(shape_names: list[str], device, dtype, count: int, seed: int):
+    """(patched random target, random draft, names, random prompts) for `--shapes`."""
+    import hf_smcsd
+
+    from . import shapes
+
+    target = hf_smcsd.patch(shapes.random_model(shape_names[0], device, dtype, seed=seed))
+    draft = shapes.random_model(shape_names[1], device, dtype, seed=seed + 1)
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"--shapes {','.join(shape_names)}: the two shapes have different vocabularies")
+    names = {"target": f"random {shape_names[0]}", "draft": f"random {shape_names[1]}"}
+    return target, draft, names, shapes.random_prompts(count, target.config.vocab_size, seed=seed)
 
 
 def load_prompts(path: str | None, count: int) -> list[str]:
@@ -503,18 +585,22 @@ def main(argv=None) -> int:
     try:
         device = common.resolve_device(args.device)
         dtype = common.resolve_dtype(args.dtype, device)
-        target, draft, tokenizer, names = common.load_pair(args.target, args.draft, device, dtype)
-        texts = load_prompts(args.prompts_file, max(args.batch_sizes))
+        if args.shapes:
+            target, draft, names, prompts = shaped_pair(args.shapes, device, dtype, max(args.batch_sizes), args.seed)
+            texts, pad_id, stop_ids = None, 0, []
+        else:
+            target, draft, tokenizer, names = common.load_pair(args.target, args.draft, device, dtype)
+            texts = load_prompts(args.prompts_file, max(args.batch_sizes))
+            prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            pad_id, stop_ids = tokenizer.pad_token_id, [i for i in [tokenizer.eos_token_id] if i is not None]
     except ValueError as error:
         parser.error(str(error))
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    stop_ids = [i for i in [tokenizer.eos_token_id] if i is not None]
     info = common.hardware()
     print(f"hf-smcsd bench: target {names['target']} ({common.count_parameters(target) / 1e6:.1f}M), "
           f"draft {names['draft']} ({common.count_parameters(draft) / 1e6:.1f}M), {device} {dtype}, "
           f"{info['processor']}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    rows = run_bench(target, draft, prompts, tokenizer.pad_token_id, batch_sizes=args.batch_sizes,
+    rows = run_bench(target, draft, prompts, pad_id, batch_sizes=args.batch_sizes, runners=args.runners,
                      particles=args.particles, gammas=args.gammas, assisted_gammas=args.assisted_gammas,
                      modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
