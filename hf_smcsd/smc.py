@@ -312,10 +312,22 @@ def smc_sample(
     force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
 
     while True:
-        # A group ends when all its particles are finished or its budget is spent.
+        # One host synchronisation decides the round's shape: which groups end (all their
+        # particles finished or their budget spent), whether any group switches SMC-SD ->
+        # exact, whether any runs exact, and the budgets left (K of the round, buffer size).
         group_done = finished[rows].view(-1, n).all(dim=1) | (clock[groups] >= budget)
-        if group_done.any():
-            if group_done.all():
+        exact = policy.exact_rounds(
+            settings.mode, rounds_run[groups], agreement[groups], settings.schedule, settings.auto_threshold
+        )
+        exact |= force_exact[groups] | settings.greedy  # fixed before this round's drafts are drawn
+        collapse = exact & ~identical[groups] & ~group_done
+        remaining = budget - clock[groups]
+        left = torch.where(group_done, -1, remaining)
+        flags = torch.stack([group_done.sum(), collapse.sum(), (exact & ~group_done).sum(), left.max(),
+                             torch.where(group_done, budget, remaining).min()]).tolist()
+        num_done, num_collapse, num_exact, most, least = flags
+        if num_done:
+            if num_done == groups.shape[0]:
                 break
             keep_groups = (~group_done).nonzero().squeeze(1)
             keep = _group_rows(keep_groups, n)
@@ -323,15 +335,10 @@ def smc_sample(
                 runner.keep(keep)
             rows, groups = rows[keep], groups[keep_groups]
             last_token, draft_pending = last_token[keep], draft_pending[keep]
+            exact, collapse, remaining = exact[keep_groups], collapse[keep_groups], remaining[keep_groups]
         live = groups.shape[0]
 
-        # --- Mode: fixed per group before this round's drafts are drawn. ---
-        exact = policy.exact_rounds(
-            settings.mode, rounds_run[groups], agreement[groups], settings.schedule, settings.auto_threshold
-        )
-        exact |= force_exact[groups] | settings.greedy
-        collapse = exact & ~identical[groups]
-        if collapse.any():  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
+        if num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
             plan = _collapse(log_weights, rows, groups, collapse, n, log_z)
             for runner in (target, draft):
                 runner.reorder(plan)
@@ -342,8 +349,6 @@ def smc_sample(
             identical[groups[collapse]] = True
             continue  # the chosen particle may have finished: re-check which groups end
         exact_rows = exact.repeat_interleave(n)
-        remaining = budget - clock[groups]  # [live] > 0
-        most, least = torch.stack([remaining.max(), remaining.min()]).tolist()  # the round's one sync
         if budget - least + gamma + 1 > tokens.shape[1]:
             grown = min(budget, 2 * (tokens.shape[1] - gamma - 1)) + gamma + 1
             tokens = torch.cat([tokens, tokens.new_full((total, grown - tokens.shape[1]), pad)], dim=1)
@@ -355,7 +360,7 @@ def smc_sample(
         # --- Draft: k tokens per particle, autoregressively, recording log q (and, for exact
         # groups, q itself: [exact rows, k, V], kept only until the walk below). ---
         drafted, draft_lq, draft_probs = [], [], []
-        any_exact = bool(exact.any())
+        any_exact = num_exact > 0
         logits = draft.extend(draft_pending)[:, -1:]
         for step in range(k):
             if step:
@@ -435,10 +440,17 @@ def smc_sample(
         rounds_run[groups] += 1
 
         # --- Dead populations: an SMC-SD round that left a group no weight is discarded and
-        # redone in exact mode (its fresh draws do not depend on that decision). ---
+        # redone in exact mode (its fresh draws do not depend on that decision). Resample:
+        # per SMC-SD group, when the ESS falls below tau * N. (One synchronisation for both.)
         group_lw = log_weights[rows].view(-1, n)
         dead = torch.isneginf(group_lw).all(dim=1) & ~exact
-        if dead.any():
+        ess = effective_sample_size(group_lw)
+        stats.ess.append((groups, ess))
+        all_finished = finished[rows].view(-1, n).all(dim=1)
+        spent = clock[groups] >= budget  # resampling after the last round only adds variance to the pick
+        needs = (ess < settings.resample_threshold * n) & ~exact & ~dead & ~all_finished & ~spent
+        any_dead, any_needs = torch.stack([dead.any(), needs.any()]).tolist()
+        if any_dead:
             dead_rows = dead.repeat_interleave(n)
             full = rows[dead_rows]
             target.rollback(torch.where(dead_rows, target_fed, 0))
@@ -461,15 +473,7 @@ def smc_sample(
             rounds_run[groups[dead]] -= 1
             stats.redo(groups[dead])
         force_exact[groups[exact]] = False
-
-        # --- Resample: per SMC-SD group, when the ESS falls below tau * N. ---
-        group_lw = log_weights[rows].view(-1, n)
-        ess = effective_sample_size(group_lw)
-        stats.ess.append((groups, ess))
-        all_finished = finished[rows].view(-1, n).all(dim=1)
-        spent = clock[groups] >= budget  # resampling after the last round only adds variance to the pick
-        needs = (ess < settings.resample_threshold * n) & ~exact & ~dead & ~all_finished & ~spent
-        if needs.any():
+        if any_needs:
             chosen_groups = needs.nonzero().squeeze(1)
             chosen_lw = group_lw[chosen_groups]
             log_z[groups[chosen_groups]] += log_mean_weight(chosen_lw)
