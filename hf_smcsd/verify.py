@@ -92,6 +92,7 @@ def accept_walk(
     u_accept: torch.Tensor,
     u_final: torch.Tensor,
     pad: int = 0,
+    skip_done: bool | None = None,
 ) -> WalkResult:
     """Lossless multi-draft verification of G groups of N drafted chains.
 
@@ -102,6 +103,7 @@ def accept_walk(
     depth_limit   `[G]` depths to walk at most (the length budget left); a walk that accepts
                   them all commits no bonus unless the limit is k and the bonus position exists.
     u_accept      `[G, k, N]` uniforms of the accept tests; `u_final` `[G]` of the final draw.
+    skip_done     skip slots and depths no group needs (host reads); default: on CPUs only.
 
     Every entry of `depth_limit` must be >= 1, so every group commits at least one token.
     """
@@ -116,8 +118,14 @@ def accept_walk(
     final_probs = target_probs.new_zeros(groups, target_probs.shape[-1])  # what the final draw samples
     needs_final = torch.zeros(groups, dtype=torch.bool, device=device)
 
+    # On a CPU a host read is free: skip the candidate slots and depths no group still needs
+    # (most walks end within a few slots). On a GPU every read would be a synchronisation,
+    # and the masked steps cost less than that.
+    skip = drafted.device.type == "cpu" if skip_done is None else skip_done
     for depth in range(k):
         at_depth = walking & (depth < depth_limit)
+        if skip and not bool(at_depth.any()):
+            break  # nothing below changes a group that is not at this depth
         # The viable rows share one prefix, hence one target distribution: take the first's.
         first_viable = viable.int().argmax(dim=1)
         residual = target_probs[group_index, first_viable, depth].float()
@@ -125,6 +133,10 @@ def accept_walk(
         accepted_token = torch.zeros(groups, dtype=torch.long, device=device)
         for slot in range(particles):
             trying = at_depth & ~decided & viable[:, slot]
+            if skip and not bool(trying.any()):
+                if not bool((at_depth & ~decided).any()):
+                    break  # every group at this depth has accepted a candidate
+                continue  # a slot no group tries changes nothing
             candidate = drafted[:, slot, depth]
             q = draft_probs[:, slot, depth].float()
             r_c = residual.gather(1, candidate.unsqueeze(1)).squeeze(1).double()

@@ -24,10 +24,11 @@ def random_inputs(groups, n, k, vocab, seed, bonus=True, shared_prefix_model=Tru
     return drafted, q.contiguous(), p.contiguous(), limit, u_accept, u_final
 
 
+@pytest.mark.parametrize("skip_done", [True, False], ids=["skipping", "masked"])
 @pytest.mark.parametrize("n, k, bonus", [(1, 1, True), (1, 4, True), (4, 3, True), (8, 2, False), (3, 5, False)])
-def test_vectorised_walk_equals_reference_loop(n, k, bonus):
+def test_vectorised_walk_equals_reference_loop(n, k, bonus, skip_done):
     inputs = random_inputs(64, n, k, 7, seed=n * 10 + k, bonus=bonus)
-    fast = verify.accept_walk(*inputs)
+    fast = verify.accept_walk(*inputs, skip_done=skip_done)
     slow = verify.accept_walk_reference(*inputs)
     assert torch.equal(fast.num_committed, slow.num_committed)
     assert torch.equal(fast.num_accepted, slow.num_accepted)
