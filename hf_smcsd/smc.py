@@ -17,7 +17,6 @@ so far), and rows of one batch can differ in length (the runners' `rollback`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
