@@ -40,8 +40,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = MINIMAL_TEMPLATE
-    model = hf_smcsd.patch(AutoModelForCausalLM.from_pretrained(args.target, torch_dtype=torch.float32))
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, torch_dtype=torch.float32)
+    model = hf_smcsd.patch(AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32))
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32)
 
     messages = [{"role": "user", "content": args.message}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -78,7 +78,7 @@ def load_trained_pair():
         try:
             return AutoModelForCausalLM.from_pretrained(TRAINED_PAIR / name, dtype=torch.float32).eval()
         except TypeError:  # transformers < 4.56
-            return AutoModelForCausalLM.from_pretrained(TRAINED_PAIR / name, torch_dtype=torch.float32).eval()
+            return AutoModelForCausalLM.from_pretrained(TRAINED_PAIR / name, dtype=torch.float32).eval()
 
     tokenizer = AutoTokenizer.from_pretrained(TRAINED_PAIR / "target", padding_side="left")
     return tokenizer, load("target"), load("draft")

@@ -5,11 +5,11 @@
     out = model.generate(input_ids, assistant_model=draft, smc_particles=8, do_sample=True)
 """
 
-from .generate import SMC_KNOBS, SMCGenerateOutput, patch, smc_generate
+from .generate import SMC_KNOBS, SMCGenerateOutput, dispatch_generate, patch, smc_generate
+from .memory import InsufficientMemoryError
 from .smc import SMCResult, SMCSettings, smc_sample
 
 __version__ = "0.1.0"
-
 
 
 def __getattr__(name):
@@ -30,4 +30,6 @@ __all__ = [
     "SMCResult",
     "SMCGenerateOutput",
     "SMC_KNOBS",
+    "dispatch_generate",
+    "InsufficientMemoryError",
 ]
