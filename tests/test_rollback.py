@@ -129,3 +129,16 @@ def test_sliding_window_refused_when_it_cannot_fit(name):
     with pytest.raises(ValueError, match="sliding-window attention.*smc_mode='smc'"):
         compat.check_rollback_fits(model, 16)
     assert compat.sliding_window(zoo.tiny_model("llama")) is None
+
+
+def test_rollback_refuses_a_negative_drop():
+    """A negative count would silently unmask another row's last token; refuse it."""
+    model = _model("llama")
+    runner = EagerRunner(model)
+    ids, mask = left_pad(PROMPTS)
+    runner.prefill(ids, mask, N)
+    runner.extend(torch.ones(len(PROMPTS) * N, 3, dtype=torch.long) * 5)
+    drop = torch.zeros(len(PROMPTS) * N, dtype=torch.long)
+    drop[2] = -1
+    with pytest.raises(ValueError, match="drop >= 0"):
+        runner.rollback(drop)
