@@ -307,7 +307,7 @@ def smc_sample(
     stream_settled()
 
     last_token = x0  # x_last: the target has not seen it yet
-    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], later always 2 wide
+    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], then 2 (1 after a redo); one width for all rows
     force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
 
     while True:
@@ -349,7 +349,7 @@ def smc_sample(
             continue  # the chosen particle may have finished: re-check which groups end
         exact_rows = exact.repeat_interleave(n)
         if budget - least + gamma + 1 > tokens.shape[1]:
-            grown = min(budget, 2 * (tokens.shape[1] - gamma - 1)) + gamma + 1
+            grown = max(budget - least, min(budget, 2 * (tokens.shape[1] - gamma - 1))) + gamma + 1
             tokens = torch.cat([tokens, tokens.new_full((total, grown - tokens.shape[1]), pad)], dim=1)
         k = min(gamma, most)  # the last rounds draft only what some budget can keep
         with_bonus = most > k
@@ -398,7 +398,7 @@ def smc_sample(
         # --- Exact operator: the accept walk per exact group; its rows take the winner's tokens. ---
         if any_exact:
             walk, exact_groups = _exact_walk(
-                exact, drafted_t, draft_probs, target_lp[exact_rows], remaining, n, k, with_bonus, settings.greedy, pad
+                exact, drafted_t, draft_probs, target_lp[exact_rows], remaining, n, k, settings.greedy, pad
             )
             ex_rows = _group_rows(exact_groups, n)
             new_tokens[ex_rows] = walk.tokens[:, :width].repeat_interleave(n, dim=0)
@@ -453,20 +453,14 @@ def smc_sample(
             dead_rows = dead.repeat_interleave(n)
             full = rows[dead_rows]
             target.rollback(torch.where(dead_rows, target_fed, 0))
-            # In the first round x0 was the draft's only pending token: drop the prompt's last
-            # token too, so that the redo's pending is 2 wide like every other row's.
-            first_round = saved.draft_pending.shape[1] == 1
-            draft.rollback(torch.where(dead_rows, draft_fed + int(first_round), 0))
+            draft.rollback(torch.where(dead_rows, draft_fed, 0))
+            draft_pending = _restore_pending(draft, dead_rows, saved.draft_pending, draft_pending)
             columns = clock[full // n].unsqueeze(1) - advance.repeat_interleave(n)[dead_rows].unsqueeze(1) + position
             tokens[full.unsqueeze(1), columns] = pad
             clock[groups[dead]] -= advance[dead]
             log_weights[full] = saved.log_weights[dead_rows]
             lengths[full], finished[full] = saved.lengths[dead_rows], saved.finished[dead_rows]
             last_token = torch.where(dead_rows, saved.last_token, last_token)
-            old_pending = saved.draft_pending
-            if first_round:
-                old_pending = torch.stack([input_ids[rows // n, -1], old_pending[:, 0]], dim=1)
-            draft_pending = torch.where(dead_rows.unsqueeze(1), old_pending, draft_pending)
             identical[groups[dead]] = saved.identical[dead]
             force_exact[groups[dead]] = True
             rounds_run[groups[dead]] -= 1
@@ -538,7 +532,7 @@ def _winner_plan(winners: torch.Tensor, n: int) -> CopyPlan:
     return CopyPlan(dest=group_rows[dest_mask], src=src[dest_mask])
 
 
-def _exact_walk(exact, drafted, draft_probs, target_lp, remaining, n, k, with_bonus, greedy, pad):
+def _exact_walk(exact, drafted, draft_probs, target_lp, remaining, n, k, greedy, pad):
     """The accept walk of every exact group this round (see verify.accept_walk)."""
     exact_groups = exact.nonzero().squeeze(1)
     groups = exact_groups.shape[0]
@@ -556,6 +550,22 @@ def _exact_walk(exact, drafted, draft_probs, target_lp, remaining, n, k, with_bo
         pad=pad,
     )
     return walk, exact_groups
+
+
+def _restore_pending(draft, dead_rows, saved_pending, pending):
+    """The draft's pending tokens after the rows of dead groups went back to the state before
+    the round (the draft already rolled back), so that every row's pending has one width.
+
+    After the first round the saved pending is as wide as the others (2). In the first round
+    it was x0 alone, while the other rows hold 2 (`[d_k, b]` or `[d_a, c]`, whose first token
+    the draft has not seen): those rows feed their first token now (the dead rows feed x0,
+    and drop it again, within what they received since the prefill), and every row is left
+    with one pending token."""
+    if saved_pending.shape[1] == pending.shape[1]:
+        return torch.where(dead_rows.unsqueeze(1), saved_pending, pending)
+    draft.extend(torch.where(dead_rows, saved_pending[:, 0], pending[:, 0]).unsqueeze(1))
+    draft.rollback(dead_rows.long())
+    return torch.where(dead_rows, saved_pending[:, 0], pending[:, -1]).unsqueeze(1)
 
 
 def _commit_exact(target, draft, walk, exact_groups, n, k, target_fed, draft_fed, rows, x_last, last_token, draft_pending):

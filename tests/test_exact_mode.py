@@ -223,3 +223,32 @@ def test_exact_and_greedy_on_the_static_runner_match_the_eager_runner(pair):
                                           pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, **extra))
     assert runs[0].round_modes == runs[1].round_modes
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+def test_dead_first_round_redo_on_the_paged_runner_matches_eager():
+    """A population that dies in the very first round is redone without rolling the draft
+    into its prompt (the paged and engine runners refuse that), and the paged runner then
+    writes the eager runner's tokens."""
+    from hf_smcsd.runners import EagerRunner
+    from hf_smcsd.runners.paged import PagedRunner
+    from hf_smcsd.smc import SMCSettings, smc_sample
+    from hf_smcsd.weights import log_probs
+
+    def banned(logits, history):  # the target rules out most tokens; a temperature-only draft proposes them
+        logits = logits.clone()
+        logits[..., 2:14] = float("-inf")
+        return log_probs(logits, 1.0)
+
+    banned.reads_history = False
+    target = tiny_llama(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, initializer_range=0.5)
+    draft = perturbed_copy(target, noise=1.0, seed=1)
+    results = []
+    for make in (lambda m: PagedRunner(m, tokens_per_block=4), EagerRunner):
+        torch.manual_seed(0)
+        results.append(smc_sample(make(target), make(draft), torch.tensor([[1, 2, 3], [4, 5, 6]]), None,
+                                  SMCSettings(particles=2, gamma=3, max_new_tokens=8), target_log_probs=banned))
+    paged, eager = results
+    assert int(eager.num_dead_redos.sum()) > 0 and eager.round_modes[0].startswith("x")
+    assert torch.equal(paged.tokens, eager.tokens) and paged.round_modes == eager.round_modes
+    returned = eager.tokens[torch.arange(2), eager.chosen[:, 0]]  # particles with weight zero are never returned
+    assert not ((returned >= 2) & (returned < 14)).any()

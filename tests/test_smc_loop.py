@@ -218,3 +218,12 @@ def test_huge_budget_allocates_as_tokens_come(pair):
                         stop_fn=StopAt300())
     assert result.tokens.shape[:2] == (1, 64) and result.tokens.shape[2] < 310
     assert int(result.lengths.min()) >= 300 - 5
+
+
+def test_token_buffer_grows_enough_for_a_huge_gamma(pair):
+    """gamma larger than the initial buffer: the buffer grows to what the round needs."""
+    target, draft = pair
+    torch.manual_seed(0)
+    result = smc_sample(EagerRunner(target), EagerRunner(draft), torch.tensor([[5, 6, 7]]), None,
+                        SMCSettings(particles=1, gamma=600, max_new_tokens=1250, eos_token_ids=[]))
+    assert result.lengths.tolist() == [[1250]]
