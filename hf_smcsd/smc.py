@@ -42,16 +42,17 @@ from .weights import (
 # w fed positions), for processors that look at the sequence: position j sees
 # `sequences[:, : S - w + 1 + j]`, exactly what transformers' sampling would pass there.
 # Its attribute `prompts` `[rows]` says which prompt each row belongs to (for processors
-# that carry per-prompt state, such as the prompt's padding length). A function that never calls it says so with an attribute `reads_history = False`; the
-# loop then need not group rows of different lengths.
+# that carry per-prompt state, such as the prompt's padding length). A function that never
+# calls it says so with an attribute `reads_history = False`; the loop then need not group
+# rows of different lengths.
 History = Callable[[], torch.Tensor]
 LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 # A stop function marks, for the last w tokens of each row's sequence `[rows, S]`, which
 # positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"
-_INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)  # letters of `SMCResult.round_modes`
+SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+_INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class SMCSettings:
     num_return_sequences: int = 1  # particles returned per prompt, drawn by final weight
     mode: str = "smc"  # "smc", "exact", "mixed" or "auto" (see policy.py)
     schedule: tuple[int, int] = policy.DEFAULT_SCHEDULE  # mixed: (exact rounds, SMC-SD rounds), repeating
-    auto_threshold: float = policy.DEFAULT_AUTO_THRESHOLD  # auto: SMC-SD where agreement >= this
+    auto_threshold: float = policy.DEFAULT_AUTO_THRESHOLD  # auto: SMC-SD where agreement > this
     greedy: bool = False  # exact rounds verify against the target's argmax (do_sample=False)
 
     def __post_init__(self):
@@ -273,6 +274,16 @@ def smc_sample(
             is_stop |= by_clock(True, lambda index: stop_fn(history(index, [new_tokens]), width))
         return is_stop
 
+    def copy_particles(plan: CopyPlan, last_token, draft_pending):
+        """Apply row copies (live rows) to both caches and every particle's state; returns
+        the copied `last_token` and `draft_pending`."""
+        for runner in (target, draft):
+            runner.reorder(plan)
+        full = plan.offset(rows)  # in full-array coordinates
+        for state in (tokens, lengths, finished):
+            state[full.dest] = state[full.src]
+        return _copy_rows(last_token, plan), _copy_rows(draft_pending, plan)
+
     streamed = 0
 
     def stream_settled() -> None:
@@ -339,12 +350,7 @@ def smc_sample(
 
         if num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
             plan = _collapse(log_weights, rows, groups, collapse, n, log_z)
-            for runner in (target, draft):
-                runner.reorder(plan)
-            last_token, draft_pending = _copy_rows(last_token, plan), _copy_rows(draft_pending, plan)
-            full = plan.offset(rows)
-            for state in (tokens, lengths, finished):
-                state[full.dest] = state[full.src]
+            last_token, draft_pending = copy_particles(plan, last_token, draft_pending)
             identical[groups[collapse]] = True
             continue  # the chosen particle may have finished: re-check which groups end
         exact_rows = exact.repeat_interleave(n)
@@ -391,9 +397,9 @@ def smc_sample(
             bonus = sample(bonus_dist)
             new_tokens = torch.cat([drafted_t, bonus.unsqueeze(1)], dim=1)
         else:
-            new_tokens = drafted_t
+            new_tokens = drafted_t.clone()  # exact groups overwrite their rows below
         width = new_tokens.shape[1]
-        valid = torch.minimum(row_remaining, torch.tensor(width, device=device))
+        valid = row_remaining.clamp(max=width)
 
         # --- Exact operator: the accept walk per exact group; its rows take the winner's tokens. ---
         if any_exact:
@@ -473,13 +479,7 @@ def smc_sample(
             ancestors = resample(normalized_weights(chosen_lw), settings.resample_method)
             local = _group_rows(chosen_groups, n)
             plan = copy_plan(ancestors).offset(local)  # in live-row coordinates
-            for runner in (target, draft):
-                runner.reorder(plan)
-            last_token = _copy_rows(last_token, plan)
-            draft_pending = _copy_rows(draft_pending, plan)
-            full = plan.offset(rows)  # in full-array coordinates
-            for state in (tokens, lengths, finished):
-                state[full.dest] = state[full.src]
+            last_token, draft_pending = copy_particles(plan, last_token, draft_pending)
             log_weights[rows[local]] = 0.0
             stats.num_resamples[groups[chosen_groups]] += 1
         stream_settled()

@@ -116,3 +116,42 @@ def load_train_pair():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --- Exactness by enumeration (test_exactness, test_generate_surface, test_exact_mode). ---
+
+ENUM_EOS = 0  # a likely token of the enumerable model, so stops happen inside blocks
+
+
+def enumerable_pair(draft_noise: float):
+    """A 6-token target (outputs of a few tokens can be enumerated exactly) and a draft that
+    is its copy with noise `draft_noise` on the weights (0.5: wrong by a fair margin, 1.0: poor)."""
+    from hf_smcsd.tiny import perturbed_copy, tiny_llama
+
+    target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        seed=0, initializer_range=0.5, eos_token_id=ENUM_EOS)
+    return target, perturbed_copy(target, noise=draft_noise, seed=1)
+
+
+def noise_bound(exact, samples):
+    """The TV a perfect sampler stays below with `samples` draws: mean + 5 sd of its noise floor."""
+    from hf_smcsd.fidelity import sampling_noise_tv
+
+    floor = sampling_noise_tv(exact, samples)
+    return float(floor.mean() + 5 * floor.std())
+
+
+def processor_cases():
+    """generate() arguments and the processors they stand for: truncation and a processor
+    that reads the sequence."""
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    return pytest.mark.parametrize(
+        "generate_kwargs, processors",
+        [
+            (dict(top_k=3), [TopKLogitsWarper(3)]),
+            (dict(top_k=0, top_p=0.7), [TopPLogitsWarper(0.7)]),
+            (dict(top_k=0, repetition_penalty=2.0), [RepetitionPenaltyLogitsProcessor(2.0)]),
+        ],
+        ids=["top_k", "top_p", "repetition_penalty"],
+    )

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
-from hf_smcsd.tiny import perturbed_copy, tiny_llama
+from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+
+from conftest import enumerable_pair, noise_bound
 
 EOS, NEW, SAMPLES = 0, 4, 10_000
 PROMPT = [1, 2, 3]
@@ -19,16 +20,9 @@ PROMPT = [1, 2, 3]
 
 @pytest.fixture(scope="module")
 def enumerable():
-    target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                        seed=0, initializer_range=0.5, eos_token_id=EOS)
-    draft = perturbed_copy(target, noise=0.5, seed=1)  # a draft that is wrong by a fair margin
+    target, draft = enumerable_pair(draft_noise=0.5)  # a draft that is wrong by a fair margin
     exact = exact_distribution(target, PROMPT, NEW, temperature=1.0, eos_token_ids=(EOS,))
     return target, draft, exact, noise_bound(exact, SAMPLES)
-
-
-def noise_bound(exact, samples):
-    floor = sampling_noise_tv(exact, samples)
-    return float(floor.mean() + 5 * floor.std())
 
 
 def outputs(sequences, prompt_length):

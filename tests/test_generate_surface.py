@@ -9,20 +9,17 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import (
     LogitsProcessorList,
     PreTrainedTokenizerFast,
-    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
     TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
+from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
 from hf_smcsd.smc import SMCSettings, smc_sample
-from hf_smcsd.tiny import perturbed_copy, tiny_llama
 
-from conftest import full_log_probs, left_pad
+from conftest import enumerable_pair, full_log_probs, left_pad, noise_bound, processor_cases
 
 EOS, NEW, SAMPLES = 0, 4, 10_000
 PROMPT = [1, 2, 3]
@@ -30,14 +27,7 @@ PROMPT = [1, 2, 3]
 
 @pytest.fixture(scope="module")
 def enumerable():
-    target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                        seed=0, initializer_range=0.5, eos_token_id=EOS)
-    return target, perturbed_copy(target, noise=0.5, seed=1)
-
-
-def noise_bound(exact, samples=SAMPLES):
-    floor = sampling_noise_tv(exact, samples)
-    return float(floor.mean() + 5 * floor.std())
+    return enumerable_pair(draft_noise=0.5)
 
 
 def smc_outputs(target, draft, particles, seed=0, **kwargs):
@@ -51,21 +41,13 @@ def smc_outputs(target, draft, particles, seed=0, **kwargs):
     return empirical_distribution(result)
 
 
-@pytest.mark.parametrize(
-    "generate_kwargs, processors",
-    [
-        (dict(top_k=3), [TopKLogitsWarper(3)]),
-        (dict(top_k=0, top_p=0.7), [TopPLogitsWarper(0.7)]),
-        (dict(top_k=0, repetition_penalty=2.0), [RepetitionPenaltyLogitsProcessor(2.0)]),
-    ],
-    ids=["top_k", "top_p", "repetition_penalty"],
-)
+@processor_cases()
 def test_processed_target_is_approached_as_particles_grow(enumerable, generate_kwargs, processors):
     """The processed target (as transformers' sampling defines it) is what SMC-SD converges to."""
     target, draft = enumerable
     exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
     plain = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
-    noise = noise_bound(exact)
+    noise = noise_bound(exact, SAMPLES)
     assert total_variation(exact, plain) > 3 * noise, "the processor must change the distribution measurably"
     # N=2, not N=1: at N=1 every draft the truncation rules out kills the population, and its
     # round is redone exactly, which hides much of the SMC-SD bias the comparison is about.
@@ -81,7 +63,7 @@ def test_draft_processors_make_draft_equal_target_exact(enumerable):
     exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,),
                                logits_processor=LogitsProcessorList([TopKLogitsWarper(3)]))
     got = smc_outputs(target, target, 2, smc_gamma=2, top_k=3, smc_draft_processors=True)
-    assert total_variation(exact, got) < noise_bound(exact)
+    assert total_variation(exact, got) < noise_bound(exact, SAMPLES)
 
 
 def test_draft_processors_off_keeps_draft_support(pair):

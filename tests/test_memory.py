@@ -7,7 +7,6 @@ import torch
 import hf_smcsd
 from hf_smcsd import generate, memory
 from hf_smcsd.runners.eager import EagerRunner
-from hf_smcsd.tiny import tiny_llama
 
 
 def cache_bytes(runner):
