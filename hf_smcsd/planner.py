@@ -95,6 +95,13 @@ def update_rate(rate: torch.Tensor, observed: torch.Tensor, decay: float = RATE_
     return torch.where(torch.isnan(observed), rate, blended)
 
 
+def update_mean(mean: torch.Tensor, observed: torch.Tensor, decay: float = RATE_DECAY) -> torch.Tensor:
+    """Running mean, `decay` the weight of the newest observation; NaN changes nothing."""
+    blended = mean + decay * (observed - mean)
+    blended = torch.where(torch.isnan(mean), observed, blended)
+    return torch.where(torch.isnan(observed), mean, blended)
+
+
 def block_bias(rate: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """The bound for a K-token block from the per-token rate: `1 - (1 - r)^K` (NaN: no
     evidence, stays NaN, which allows no SMC-SD round)."""
@@ -194,26 +201,30 @@ def plan_round(
     bound: float,
     allow_plain: bool = True,
     allow_smc: bool = True,
+    live: torch.Tensor | None = None,
 ) -> Plan:
     """The round's shape (module docstring). `rate` `[G]`: per-token bias evidence; `accept`
     `[G]`: per-depth exact acceptance; `rows`: live rows; `gamma`: the largest K;
     `allow_plain=False` forces a draft (a probe); `allow_smc=False` (greedy) keeps every
-    drafting group exact. Costs not measured yet count as equal for every K (no preference
-    from speed), so the first rounds draft at the user's K."""
+    drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not).
+    Costs not measured yet count as equal for every K (no preference from speed), so the
+    first rounds draft at the user's K. One host synchronisation."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
+    weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
     tokens, exact_by_k, bias_by_k = [], [], []
     for k in ks:
         if k == 0:
             exact_by_k.append(torch.zeros_like(rate, dtype=torch.bool))
             bias_by_k.append(torch.full_like(rate, float("nan")))
-            tokens.append(float(rate.shape[0]))
+            tokens.append(weight.sum())
             continue
         bias = block_bias(rate, k)
         smc = (bias <= bound) & allow_smc  # NaN compares False: no evidence, no SMC-SD
         per_group = torch.where(smc, float(k + 1), expected_exact_tokens(accept, k))
         exact_by_k.append(~smc)
         bias_by_k.append(bias)
-        tokens.append(float(per_group.sum()))
+        tokens.append((per_group * weight).sum())
+    tokens = torch.stack(tokens).tolist()
     if costs.verify.known and costs.draft_step.known:
         seconds = [max(costs.round_seconds(rows, k), 1e-9) for k in ks]
     else:

@@ -17,14 +17,16 @@ so far), and rows of one batch can differ in length (the runners' `rollback`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from . import policy, verify
+from . import planner, policy, verify
 from .resampling import RESAMPLING_METHODS, CopyPlan, copy_plan, resample
 from .runners.base import Runner
+from .timing import PhaseClock
 from .weights import (
     WEIGHT_DTYPE,
     effective_sample_size,
@@ -51,7 +53,7 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 # positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+SMC_ROUND, EXACT_ROUND, REDONE_ROUND, PLAIN_ROUND = "s", "e", "x", "p"  # letters of `SMCResult.round_modes`
 _INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)
 
 
@@ -72,7 +74,8 @@ class SMCSettings:
     num_return_sequences: int = 1  # particles returned per prompt, drawn by final weight
     mode: str = "smc"  # "smc", "exact", "mixed" or "auto" (see policy.py)
     schedule: tuple[int, int] = policy.DEFAULT_SCHEDULE  # mixed: (exact rounds, SMC-SD rounds), repeating
-    auto_threshold: float = policy.DEFAULT_AUTO_THRESHOLD  # auto: SMC-SD where agreement > this
+    auto_threshold: float = planner.DEFAULT_BIAS_BOUND  # auto: largest predicted bias of an SMC-SD round
+    auto_costs: planner.CostModel | None = None  # auto: fixed costs (reproducible plans); None measures them
     greedy: bool = False  # exact rounds verify against the target's argmax (do_sample=False)
 
     def __post_init__(self):
@@ -116,7 +119,13 @@ class SMCSettings:
             bad("smc_schedule", self.schedule, "use (exact_rounds, smc_rounds), two integers >= 0, not both 0, e.g. (4, 1).")
         self.schedule = schedule
         if not 0.0 <= float(self.auto_threshold) <= 1.0:
-            bad("smc_auto_threshold", self.auto_threshold, "use a fraction in [0, 1] (higher runs more exact rounds).")
+            bad(
+                "smc_auto_threshold",
+                self.auto_threshold,
+                "use a total-variation bound in [0, 1] (0: auto never runs SMC-SD; larger allows more SMC-SD rounds).",
+            )
+        if self.auto_costs is not None and not isinstance(self.auto_costs, planner.CostModel):
+            bad("smc_auto_costs", self.auto_costs, "use an hf_smcsd.planner.CostModel, or None to measure the costs.")
         exact_rounds_possible = self.greedy or self.mode != "smc"
         if exact_rounds_possible and float(self.alpha) != 1.0:
             what = "do_sample=False" if self.greedy else f"smc_mode={self.mode!r}"
@@ -147,6 +156,9 @@ class SMCResult:
     smc_tokens: torch.Tensor | None = None  # [B] tokens generated in SMC-SD rounds (x0 included)
     exact_tokens: torch.Tensor | None = None  # [B] tokens committed by exact rounds
     accepted: list[torch.Tensor] = field(default_factory=list)  # per prompt, drafts accepted per exact round
+    num_plain_rounds: torch.Tensor | None = None  # [B] plain rounds (auto's K = 0: one target step, no draft)
+    plain_tokens: torch.Tensor | None = None  # [B] tokens of plain rounds
+    round_plans: list[list[dict]] = field(default_factory=list)  # auto: per prompt, per round: mode, k, why
     stats: dict = field(default_factory=dict)
 
 
@@ -294,10 +306,35 @@ def smc_sample(
                 stream(tokens[0, streamed:shared])
                 streamed = shared
 
+    def plain_step(last_token, draft_pending):
+        """K = 0: one target sampling step per live row, no draft pass (lossless). Rows of a
+        group whose particles are identical share one draw, so they stay identical; other
+        groups' particles each draw their own (an SMC-SD round with no drafts: their weights
+        do not change at alpha = 1, the only alpha auto allows). The draft sees the new
+        tokens when drafting resumes."""
+        logits = target.extend(last_token.unsqueeze(1))
+        if auto is not None:
+            auto.clock.stop("verify")
+        lp = distribution(target_log_probs, logits, [])[:, 0]
+        if settings.greedy:
+            lp = verify.one_hot(lp).log()
+        token = sample(lp)
+        live = groups.shape[0]
+        shared = token.view(live, n)[:, :1].expand(live, n).flatten()
+        token = torch.where(identical[groups].repeat_interleave(n), shared, token)
+        active = ~finished[rows]
+        stopped = stops(token.unsqueeze(1))[:, 0]
+        columns = clock[rows // n]
+        tokens[rows, columns] = torch.where(active, token, tokens[rows, columns])
+        lengths[rows] += active.long()
+        finished[rows] |= active & stopped
+        clock[groups] += 1
+        rounds_run[groups] += 1
+        return token, torch.cat([draft_pending, token.unsqueeze(1)], dim=1)
+
     # --- Start: prefill once per model, expand to N rows, sample x0 from the target. ---
     rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
-    agreement = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
-    exact_first = policy.exact_rounds(settings.mode, rounds_run, agreement, settings.schedule, settings.auto_threshold)
+    exact_first = policy.exact_rounds(settings.mode, rounds_run, settings.schedule)
     exact_first |= settings.greedy
     first_logits = target.prefill(input_ids, attention_mask, n).unsqueeze(1)
     draft.prefill(input_ids, attention_mask, n)
@@ -318,24 +355,35 @@ def smc_sample(
     stream_settled()
 
     last_token = x0  # x_last: the target has not seen it yet
-    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], then 2 (1 after a redo); one width for all rows
+    # Tokens the draft has not seen yet: [x0], then 2 (1 after a redo, one more after each
+    # plain round); one width for all rows.
+    draft_pending = x0.unsqueeze(1)
     force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
+    auto = _AutoState(settings, batch, device, target, draft, x0) if settings.mode == "auto" else None
 
     while True:
         # One host synchronisation decides the round's shape: which groups end (all their
         # particles finished or their budget spent), whether any group switches SMC-SD ->
         # exact, whether any runs exact, and the budgets left (K of the round, buffer size).
         group_done = finished[rows].view(-1, n).all(dim=1) | (clock[groups] >= budget)
-        exact = policy.exact_rounds(
-            settings.mode, rounds_run[groups], agreement[groups], settings.schedule, settings.auto_threshold
-        )
-        exact |= force_exact[groups] | settings.greedy  # fixed before this round's drafts are drawn
+        if auto is not None:  # the planner: each group's mode and the round's K, from earlier rounds only
+            auto.clock.start("round")
+            plan = auto.plan(groups, group_done, rows.shape[0])
+            round_k = plan.k
+            exact = plan.exact | ((force_exact[groups] | settings.greedy) & (round_k > 0))
+            plan_bias = plan.bias
+        else:
+            round_k = gamma
+            exact = policy.exact_rounds(settings.mode, rounds_run[groups], settings.schedule)
+            exact |= force_exact[groups] | settings.greedy  # fixed before this round's drafts are drawn
         collapse = exact & ~identical[groups] & ~group_done
         remaining = budget - clock[groups]
         left = torch.where(group_done, -1, remaining)
         flags = torch.stack([group_done.sum(), collapse.sum(), (exact & ~group_done).sum(), left.max(),
                              torch.where(group_done, budget, remaining).min()]).tolist()
         num_done, num_collapse, num_exact, most, least = flags
+        if auto is not None:
+            auto.observe_last_round()  # its spans are complete: the synchronisation above passed them
         if num_done:
             if num_done == groups.shape[0]:
                 break
@@ -346,6 +394,8 @@ def smc_sample(
             rows, groups = rows[keep], groups[keep_groups]
             last_token, draft_pending = last_token[keep], draft_pending[keep]
             exact, collapse, remaining = exact[keep_groups], collapse[keep_groups], remaining[keep_groups]
+            if auto is not None:
+                plan_bias = plan_bias[keep_groups]
         live = groups.shape[0]
 
         if num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
@@ -357,15 +407,28 @@ def smc_sample(
         if budget - least + gamma + 1 > tokens.shape[1]:
             grown = max(budget - least, min(budget, 2 * (tokens.shape[1] - gamma - 1))) + gamma + 1
             tokens = torch.cat([tokens, tokens.new_full((total, grown - tokens.shape[1]), pad)], dim=1)
-        k = min(gamma, most)  # the last rounds draft only what some budget can keep
+        k = min(round_k, most)  # the last rounds draft only what some budget can keep
         with_bonus = most > k
+        if k == 0:  # a plain round: one target sampling step per row, no draft pass
+            auto.clock.start("verify")
+            last_token, draft_pending = plain_step(last_token, draft_pending)
+            stats.round(groups, exact, torch.ones_like(groups), None, plain=True, plan=(0, plan_bias, plan.tokens_per_s))
+            stats.ess.append((groups, effective_sample_size(log_weights[rows].view(-1, n))))
+            auto.round_done(rows.shape[0], 0, 1)
+            stream_settled()
+            continue
+        if draft_pending.shape[1] > 2:  # drafting resumes after plain rounds: the draft catches up in one pass
+            draft.extend(draft_pending[:, :-1])
+            draft_pending = draft_pending[:, -1:]
         saved = _Saved(log_weights[rows].clone(), lengths[rows].clone(), finished[rows].clone(), last_token,
                        draft_pending, identical[groups].clone())
 
         # --- Draft: k tokens per particle, autoregressively, recording log q (and, for exact
         # groups, q itself: [exact rows, k, V], kept only until the walk below). ---
-        drafted, draft_lq, draft_probs = [], [], []
+        drafted, draft_lq, draft_probs, draft_dists = [], [], [], []
         any_exact = num_exact > 0
+        if auto is not None:
+            auto.clock.start("draft")
         logits = draft.extend(draft_pending)[:, -1:]
         for step in range(k):
             if step:
@@ -376,6 +439,10 @@ def smc_sample(
             draft_lq.append(gather(lq, token))
             if any_exact:
                 draft_probs.append(lq[exact_rows].exp())
+            if auto is not None:
+                draft_dists.append(lq)
+        if auto is not None:
+            auto.clock.stop("draft")
         drafted_t = torch.stack(drafted, dim=1)  # [rows, k]
         log_q = torch.stack(draft_lq, dim=1)
         draft_fed = draft_pending.shape[1] + k - 1
@@ -383,13 +450,18 @@ def smc_sample(
         # --- Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows). ---
         fed = drafted_t if with_bonus else drafted_t[:, : k - 1]
         target_fed = fed.shape[1] + 1
-        target_lp = distribution(target_log_probs, target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)), [fed])
+        if auto is not None:
+            auto.clock.start("verify")
+        target_logits = target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1))
+        if auto is not None:
+            auto.clock.stop("verify")
+        target_lp = distribution(target_log_probs, target_logits, [fed])
         log_p = gather(target_lp[:, :k], drafted_t)
         row_remaining = remaining.repeat_interleave(n)
         active = ~finished[rows]
         counted = active.unsqueeze(1) & (torch.arange(k, device=device) < row_remaining.unsqueeze(1))
-        observed = policy.round_agreement(log_p, log_q, counted, n)
-        agreement[groups] = policy.update_agreement(agreement[groups], observed)
+        if auto is not None:  # evidence for later rounds: divergences at every drafted position
+            auto.observe_positions(groups, target_lp[:, :k], torch.stack(draft_dists, dim=1), counted)
 
         # --- SMC-SD operator: every particle keeps its drafts and a bonus, weighted. ---
         if with_bonus:
@@ -428,7 +500,10 @@ def smc_sample(
         finished[rows] |= active & stopped
         advance = valid.view(live, n)[:, 0]
         clock[groups] += advance
-        stats.round(groups, exact, advance, walk.num_accepted if any_exact else None)
+        stats.round(groups, exact, advance, walk.num_accepted if any_exact else None,
+                    plan=(k, plan_bias, plan.tokens_per_s) if auto is not None else None)
+        if auto is not None and any_exact:
+            auto.observe_walk(groups[exact_groups], walk.num_accepted, remaining[exact_groups].clamp(max=k))
 
         # --- Caches: SMC-SD rows keep everything; exact rows take the winner's tail, then roll
         # back to what the committed tokens justify. ---
@@ -482,6 +557,8 @@ def smc_sample(
             last_token, draft_pending = copy_particles(plan, last_token, draft_pending)
             log_weights[rows[local]] = 0.0
             stats.num_resamples[groups[chosen_groups]] += 1
+        if auto is not None:
+            auto.round_done(rows.shape[0], k, target_fed)
         stream_settled()
 
     # --- End: log Z and one particle per prompt, drawn by final weight. ---
@@ -497,6 +574,109 @@ def smc_sample(
         log_z=log_z,
         chosen=chosen,
     )
+
+
+_COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
+_COST_CACHE_SIZE = 64
+
+
+def _cost_key(runner) -> tuple | None:
+    """What a runner's costs depend on: backend, model shape, dtype and device (not the
+    weights). None when the runner has no transformers model to describe."""
+    model = getattr(runner, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    shape = tuple(getattr(config, name, None) for name in (
+        "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+        "num_attention_heads", "num_key_value_heads"))
+    parameter = next(model.parameters(), None)
+    where = (str(parameter.dtype), str(parameter.device)) if parameter is not None else ()
+    return (type(runner).__name__, shape) + where
+
+
+class _AutoState:
+    """The auto mode's side of the loop: the evidence of earlier rounds per group, the
+    measured costs, and the planner's calls (hf_smcsd.planner)."""
+
+    def __init__(self, settings: SMCSettings, batch: int, device, target: Runner, draft: Runner, x0: torch.Tensor):
+        self.n, self.gamma, self.bound = settings.particles, settings.gamma, float(settings.auto_threshold)
+        self.greedy = settings.greedy
+        nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+        self.rate = nan.clone()  # per-token SIR bias bound (planner.update_rate)
+        self.single_acceptance = nan.clone()  # running mean of 1 - TV(p_t, q_t) at drafted positions
+        self.accepted = torch.zeros(batch, dtype=torch.float64, device=device)  # drafts accepted by exact walks
+        self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
+        self.clock = PhaseClock(device)
+        self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE)
+        self.last_round: tuple[int, int, int] | None = None  # (rows, K, verify width) of the round just run
+        self.measure = settings.auto_costs is None
+        if not self.measure:
+            self.costs = settings.auto_costs
+            return
+        keys = (_cost_key(target), _cost_key(draft))
+        key = None if None in keys else keys + (x0.shape[0], self.gamma)
+        self.costs = _COST_CACHE.get(key) if key is not None else None
+        if self.costs is None:
+            self.costs = self._calibrate(target, draft, x0)
+            if key is not None:
+                if len(_COST_CACHE) >= _COST_CACHE_SIZE:
+                    _COST_CACHE.pop(next(iter(_COST_CACHE)))
+                _COST_CACHE[key] = self.costs
+
+    def _calibrate(self, target: Runner, draft: Runner, x0: torch.Tensor) -> planner.CostModel:
+        """A short calibration before the first round (then cached): the verify pass at width
+        1 and K + 1 and one draft step, each the faster of two runs, fed and rolled back."""
+        costs = planner.CostModel()
+        rows = x0.shape[0]
+        for runner, widths, cost in ((target, (1, self.gamma + 1), costs.verify), (draft, (1,), costs.draft_step)):
+            for width in widths:
+                best = float("inf")
+                for _ in range(2):
+                    self.clock.synchronize()
+                    start = time.perf_counter()
+                    runner.extend(x0.unsqueeze(1).expand(rows, width).contiguous())
+                    self.clock.synchronize()
+                    best = min(best, time.perf_counter() - start)
+                    runner.rollback(torch.full((rows,), width, dtype=torch.long, device=x0.device))
+                cost.observe(rows * width, best)
+        return costs
+
+    def plan(self, groups: torch.Tensor, group_done: torch.Tensor, rows: int) -> planner.Plan:
+        probe = self.probes.must_draft()
+        accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
+        plan = planner.plan_round(self.rate[groups], accept, self.costs, rows, self.gamma, self.bound,
+                                  allow_plain=not probe, allow_smc=not self.greedy, live=~group_done)
+        self.probes.after(plan.k, probe)
+        return plan
+
+    def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:
+        bias, tv = planner.position_measures(target_lp, draft_lp, self.n)
+        self.rate[groups] = planner.update_rate(self.rate[groups], planner.group_means(bias, counted, self.n))
+        observed = 1.0 - planner.group_means(tv, counted, self.n)
+        self.single_acceptance[groups] = planner.update_mean(self.single_acceptance[groups], observed)
+
+    def observe_walk(self, groups, accepted, tried) -> None:
+        self.accepted[groups] += accepted.double()
+        self.rejected[groups] += (accepted < tried).double()
+
+    def round_done(self, rows: int, k: int, verify_width: int) -> None:
+        self.clock.stop("round")
+        self.last_round = (rows, k, verify_width)
+
+    def observe_last_round(self) -> None:
+        """Feed the spans of the round before into the cost model (after a synchronisation)."""
+        spans = self.clock.collect()
+        if self.last_round is None or not self.measure or "round" not in spans:
+            return
+        rows, k, width = self.last_round
+        self.last_round = None
+        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0)
+        if "verify" in spans:
+            self.costs.verify.observe(rows * width, spans["verify"])
+        if k > 0 and "draft" in spans:
+            self.costs.draft_step.observe(rows, spans["draft"] / k)
+        self.costs.observe_overhead("spec" if k > 0 else "plain", spans["round"] - model_seconds)
 
 
 @dataclass
@@ -602,18 +782,21 @@ def _commit_exact(target, draft, walk, exact_groups, n, k, target_fed, draft_fed
 
 class _Stats:
     """Diagnostics per prompt: rounds and tokens per mode, accepted drafts per exact round,
-    the mode of each round, ESS after each round, resampling events, dead-round redos."""
+    the mode of each round, ESS after each round, resampling events, dead-round redos, and
+    for auto each round's plan (K, the bias bound, the predicted tokens per second)."""
 
     def __init__(self, batch: int, first_exact: torch.Tensor):
         self.batch = batch
         self.first_exact = first_exact.cpu()  # x0 counts toward the mode of the first round
-        self.records: list[tuple] = []  # ("round", groups, exact, advance, accepted) | ("redo", groups)
+        # ("round", groups, exact, advance, accepted, plain, plan) | ("redo", groups)
+        self.records: list[tuple] = []
         self.ess: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_resamples = torch.zeros(batch, dtype=torch.long, device=first_exact.device)
 
-    def round(self, groups, exact, advance, accepted) -> None:
+    def round(self, groups, exact, advance, accepted, plain=False, plan=None) -> None:
+        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s) for auto."""
         # Kept on the device until the end: no host synchronisation per round.
-        self.records.append(("round", groups, exact, advance.clone(), accepted))
+        self.records.append(("round", groups, exact, advance.clone(), accepted, plain, plan))
 
     def redo(self, groups) -> None:
         self.records.append(("redo", groups))
@@ -621,23 +804,34 @@ class _Stats:
     def result(self, **fields) -> SMCResult:
         b = self.batch
         modes = [[] for _ in range(b)]
+        plans = [[] for _ in range(b)]
         smc_tokens = (~self.first_exact).long().clone()
         exact_tokens = self.first_exact.long().clone()
+        plain_tokens = torch.zeros(b, dtype=torch.long)
         accepted = [[] for _ in range(b)]
         last_advance = [0] * b
         for record in self.records:
             if record[0] == "redo":
                 for g in record[1].tolist():
                     modes[g][-1] = REDONE_ROUND
+                    if plans[g]:
+                        plans[g][-1]["mode"] = REDONE_ROUND
                     smc_tokens[g] -= last_advance[g]
                 continue
-            _, groups, exact, advance, walk_accepted = record
+            _, groups, exact, advance, walk_accepted, plain, plan = record
             exact_index = 0
             walk_accepted = walk_accepted.tolist() if walk_accepted is not None else []
-            for g, is_exact, adv in zip(groups.tolist(), exact.tolist(), advance.tolist()):
-                modes[g].append(EXACT_ROUND if is_exact else SMC_ROUND)
+            bias = plan[1].tolist() if plan is not None else None
+            for i, (g, is_exact, adv) in enumerate(zip(groups.tolist(), exact.tolist(), advance.tolist())):
+                letter = PLAIN_ROUND if plain else EXACT_ROUND if is_exact else SMC_ROUND
+                modes[g].append(letter)
                 last_advance[g] = adv
-                if is_exact:
+                if plan is not None:
+                    plans[g].append({"mode": letter, "k": plan[0], "bias_bound": None if plain else bias[i],
+                                     "predicted_tokens_per_s": plan[2]})
+                if plain:
+                    plain_tokens[g] += adv
+                elif is_exact:
                     exact_tokens[g] += adv
                     accepted[g].append(walk_accepted[exact_index])
                     exact_index += 1
@@ -658,6 +852,9 @@ class _Stats:
             smc_tokens=smc_tokens.to(device),
             exact_tokens=exact_tokens.to(device),
             accepted=[torch.tensor(a, dtype=torch.long) for a in accepted],
+            num_plain_rounds=count(PLAIN_ROUND),
+            plain_tokens=plain_tokens.to(device),
+            round_plans=plans if any(plans) else [],
         )
 
 
