@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_BIAS_BOUND = 0.02  # smc_auto_threshold: see build_scripts/planner_table.py and docs/benchmarks.md
-RATE_DECAY = 0.5  # a better round lowers the evidence by this share of the gap
+RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap (slowly: see update_rate)
 PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
 FIRST_PROBE = 4  # plain rounds before the draft is tried again (then doubling)
@@ -88,7 +88,14 @@ def group_means(values: torch.Tensor, counted: torch.Tensor, particles: int) -> 
 def update_rate(rate: torch.Tensor, observed: torch.Tensor, decay: float = RATE_DECAY) -> torch.Tensor:
     """Evidence after a round: a worse observation is taken at once (one bad round is enough
     to stop trusting the draft), a better one lowers the rate by `decay` of the gap. NaN
-    (no evidence) on either side leaves the other."""
+    (no evidence) on either side leaves the other.
+
+    Slowly, because text alternates: a weak draft that fails on every answer digit agrees
+    on the format tokens between them (per-round rates of the weak pair's additions at N = 4
+    swing between 0.03 and 0.7, the committed pair's stay within 0.01 to 0.08), and the
+    round after an easy one is often a hard one. A rate that fell back after each easy
+    round let SMC-SD rounds land on answers (auto_sweep, weak pair: 75% where the target
+    has 98%)."""
     lowered = rate - decay * (rate - observed)
     blended = torch.where(observed > rate, observed, lowered)
     blended = torch.where(torch.isnan(rate), observed, blended)
@@ -202,11 +209,13 @@ def plan_round(
     allow_plain: bool = True,
     allow_smc: bool = True,
     live: torch.Tensor | None = None,
+    plain_rows: int | None = None,
 ) -> Plan:
     """The round's shape (module docstring). `rate` `[G]`: per-token bias evidence; `accept`
     `[G]`: per-depth exact acceptance; `rows`: live rows; `gamma`: the largest K;
     `allow_plain=False` forces a draft (a probe); `allow_smc=False` (greedy) keeps every
-    drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not).
+    drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not);
+    `plain_rows`: the rows a plain round runs (one per group where the loop can narrow).
     Costs not measured yet count as equal for every K (no preference from speed), so the
     first rounds draft at the user's K. One host synchronisation."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
@@ -226,7 +235,7 @@ def plan_round(
         tokens.append((per_group * weight).sum())
     tokens = torch.stack(tokens).tolist()
     if costs.verify.known and costs.draft_step.known:
-        seconds = [max(costs.round_seconds(rows, k), 1e-9) for k in ks]
+        seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
     else:
         seconds = [1.0 for _ in ks]
         if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)

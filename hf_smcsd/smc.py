@@ -306,13 +306,17 @@ def smc_sample(
                 stream(tokens[0, streamed:shared])
                 streamed = shared
 
-    def plain_step(last_token, draft_pending):
+    def plain_step(last_token, draft_pending, narrow):
         """K = 0: one target sampling step per live row, no draft pass (lossless). Rows of a
         group whose particles are identical share one draw, so they stay identical; other
         groups' particles each draw their own (an SMC-SD round with no drafts: their weights
         do not change at alpha = 1, the only alpha auto allows). The draft sees the new
-        tokens when drafting resumes."""
-        logits = target.extend(last_token.unsqueeze(1))
+        tokens when drafting resumes. `narrow`: the runners hold one row per group (every
+        group identical), whose logits serve the group's N rows."""
+        if narrow:
+            logits = target.extend(last_token[::n].unsqueeze(1)).repeat_interleave(n, dim=0)
+        else:
+            logits = target.extend(last_token.unsqueeze(1))
         if auto is not None:
             auto.clock.stop("verify")
         lp = distribution(target_log_probs, logits, [])[:, 0]
@@ -360,6 +364,10 @@ def smc_sample(
     draft_pending = x0.unsqueeze(1)
     force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
     auto = _AutoState(settings, batch, device, target, draft, x0) if settings.mode == "auto" else None
+    # Plain rounds of groups whose particles are identical run one row per group when both
+    # runners can give the rows back (`expand`); `narrow` while they do.
+    can_narrow = auto is not None and n > 1 and all(hasattr(r, "expand") for r in (target, draft))
+    narrow = False
 
     while True:
         # One host synchronisation decides the round's shape: which groups end (all their
@@ -368,7 +376,7 @@ def smc_sample(
         group_done = finished[rows].view(-1, n).all(dim=1) | (clock[groups] >= budget)
         if auto is not None:  # the planner: each group's mode and the round's K, from earlier rounds only
             auto.clock.start("round")
-            plan = auto.plan(groups, group_done, rows.shape[0])
+            plan = auto.plan(groups, group_done, rows.shape[0], groups.shape[0] if can_narrow else rows.shape[0])
             round_k = plan.k
             exact = plan.exact | ((force_exact[groups] | settings.greedy) & (round_k > 0))
             plan_bias = plan.bias
@@ -380,8 +388,9 @@ def smc_sample(
         remaining = budget - clock[groups]
         left = torch.where(group_done, -1, remaining)
         flags = torch.stack([group_done.sum(), collapse.sum(), (exact & ~group_done).sum(), left.max(),
-                             torch.where(group_done, budget, remaining).min()]).tolist()
-        num_done, num_collapse, num_exact, most, least = flags
+                             torch.where(group_done, budget, remaining).min(),
+                             (~identical[groups] & ~group_done).sum()]).tolist()
+        num_done, num_collapse, num_exact, most, least, num_diverse = flags
         if auto is not None:
             auto.observe_last_round()  # its spans are complete: the synchronisation above passed them
         if num_done:
@@ -390,13 +399,20 @@ def smc_sample(
             keep_groups = (~group_done).nonzero().squeeze(1)
             keep = _group_rows(keep_groups, n)
             for runner in (target, draft):
-                runner.keep(keep)
+                runner.keep(keep_groups if narrow else keep)
             rows, groups = rows[keep], groups[keep_groups]
             last_token, draft_pending = last_token[keep], draft_pending[keep]
             exact, collapse, remaining = exact[keep_groups], collapse[keep_groups], remaining[keep_groups]
             if auto is not None:
                 plan_bias = plan_bias[keep_groups]
         live = groups.shape[0]
+        if narrow and round_k > 0:  # drafting resumes: the draft catches up on one row per group, then N rows again
+            if draft_pending.shape[1] > 1:
+                draft.extend(draft_pending[::n, :-1])
+                draft_pending = draft_pending[:, -1:]
+            for runner in (target, draft):
+                runner.expand(n)
+            narrow = False
 
         if num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
             plan = _collapse(log_weights, rows, groups, collapse, n, log_z)
@@ -410,11 +426,16 @@ def smc_sample(
         k = min(round_k, most)  # the last rounds draft only what some budget can keep
         with_bonus = most > k
         if k == 0:  # a plain round: one target sampling step per row, no draft pass
+            if can_narrow and not narrow and num_diverse == 0:
+                first = torch.arange(live, device=device) * n
+                for runner in (target, draft):
+                    runner.keep(first)
+                narrow = True
             auto.clock.start("verify")
-            last_token, draft_pending = plain_step(last_token, draft_pending)
+            last_token, draft_pending = plain_step(last_token, draft_pending, narrow)
             stats.round(groups, exact, torch.ones_like(groups), None, plain=True, plan=(0, plan_bias, plan.tokens_per_s))
             stats.ess.append((groups, effective_sample_size(log_weights[rows].view(-1, n))))
-            auto.round_done(rows.shape[0], 0, 1)
+            auto.round_done(live if narrow else rows.shape[0], 0, 1)
             stream_settled()
             continue
         if draft_pending.shape[1] > 2:  # drafting resumes after plain rounds: the draft catches up in one pass
@@ -642,11 +663,12 @@ class _AutoState:
                 cost.observe(rows * width, best)
         return costs
 
-    def plan(self, groups: torch.Tensor, group_done: torch.Tensor, rows: int) -> planner.Plan:
+    def plan(self, groups: torch.Tensor, group_done: torch.Tensor, rows: int, plain_rows: int) -> planner.Plan:
         probe = self.probes.must_draft()
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         plan = planner.plan_round(self.rate[groups], accept, self.costs, rows, self.gamma, self.bound,
-                                  allow_plain=not probe, allow_smc=not self.greedy, live=~group_done)
+                                  allow_plain=not probe, allow_smc=not self.greedy, live=~group_done,
+                                  plain_rows=plain_rows)
         self.probes.after(plan.k, probe)
         return plan
 

@@ -105,6 +105,7 @@ def test_update_rate_rises_at_once_and_falls_by_half_the_gap():
     old = torch.tensor([nan, 0.4, 0.4, 0.4], dtype=torch.float64)
     new = torch.tensor([0.1, 0.8, 0.2, nan], dtype=torch.float64)
     assert torch.allclose(planner.update_rate(old, new, decay=0.5), torch.tensor([0.1, 0.8, 0.3, 0.4], dtype=torch.float64))
+    assert math.isclose(float(planner.update_rate(old, new)[2]), 0.4 - planner.RATE_DECAY * 0.2)
 
 
 def test_block_bias_composes_positions():
