@@ -54,6 +54,11 @@ RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap 
 PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
 FIRST_PROBE = 4  # plain rounds before the draft is tried again (then doubling)
+# Drafted positions (per chain) a group must have been measured at before its first SMC-SD
+# round: text alternates between easy and hard spots (see update_rate), and a rate taken from
+# one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of
+# the additions task.
+MIN_EVIDENCE = 16
 
 
 # --- Quality -------------------------------------------------------------------------
@@ -63,18 +68,24 @@ def sir_bias(target_probs: torch.Tensor, draft_probs: torch.Tensor, particles: i
     """`[..., V]` probabilities -> `[...]`: the bound on the total variation between one SIR
     step over `particles` draws from `draft_probs` and `target_probs` (module docstring).
     At `particles=1` it is TV(p, q)."""
-    p, q = target_probs.float(), draft_probs.float()
-    gap = p - q
-    # p > q implies p > 0: the denominator is positive wherever the term is kept.
-    terms = torch.where(gap > 0, p * gap / (p + (particles - 1) * q).clamp(min=1e-30), 0.0)
-    return terms.sum(dim=-1).clamp(max=1.0)
+    return _measures(target_probs.float(), draft_probs.float().clone(), particles)[0]
+
+
+def _measures(p: torch.Tensor, q: torch.Tensor, particles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SIR bias bound, TV) over the last dimension; overwrites `q` (a few passes over
+    `[rows, k, V]` in place: this runs every auto round)."""
+    gap = (p - q).clamp_(min=0.0)  # (p - q)^+: zero wherever the bound has no term
+    tv = gap.sum(dim=-1)
+    # p + (N - 1) q > 0 wherever gap > 0; elsewhere the clamp keeps 0 / 0 out.
+    denominator = q.mul_(particles - 1).add_(p).clamp_(min=1e-30)
+    bias = gap.mul_(p).div_(denominator).sum(dim=-1)
+    return bias.clamp_(max=1.0), tv
 
 
 def position_measures(target_lp: torch.Tensor, draft_lp: torch.Tensor, particles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per drafted position `[rows, k]`: (SIR bias bound at N = `particles`, TV(p, q)) from
     the processed log-probabilities `[rows, k, V]` of both models there."""
-    p, q = target_lp.exp(), draft_lp.exp()
-    return sir_bias(p, q, particles), sir_bias(p, q, 1)
+    return _measures(target_lp.float().exp(), draft_lp.float().exp(), particles)
 
 
 def group_means(values: torch.Tensor, counted: torch.Tensor, particles: int) -> torch.Tensor:
@@ -107,6 +118,13 @@ def update_mean(mean: torch.Tensor, observed: torch.Tensor, decay: float = RATE_
     blended = mean + decay * (observed - mean)
     blended = torch.where(torch.isnan(mean), observed, blended)
     return torch.where(torch.isnan(observed), mean, blended)
+
+
+def usable_rate(rate: torch.Tensor, positions: torch.Tensor, minimum: int | None = None) -> torch.Tensor:
+    """The rate where at least `minimum` (default `MIN_EVIDENCE`) drafted positions were
+    measured, NaN (no SMC-SD) elsewhere."""
+    minimum = MIN_EVIDENCE if minimum is None else minimum
+    return torch.where(positions >= minimum, rate, float("nan"))
 
 
 def block_bias(rate: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

@@ -384,7 +384,10 @@ def smc_sample(
             round_k = gamma
             exact = policy.exact_rounds(settings.mode, rounds_run[groups], settings.schedule)
             exact |= force_exact[groups] | settings.greedy  # fixed before this round's drafts are drawn
-        collapse = exact & ~identical[groups] & ~group_done
+        # A plain round collapses a group too: its weights would not change, so drawing the
+        # particle now (by weight, as the final pick would) loses nothing, and the group's
+        # plain rounds can run on one row.
+        collapse = (exact | (round_k == 0)) & ~identical[groups] & ~group_done
         remaining = budget - clock[groups]
         left = torch.where(group_done, -1, remaining)
         flags = torch.stack([group_done.sum(), collapse.sum(), (exact & ~group_done).sum(), left.max(),
@@ -626,6 +629,7 @@ class _AutoState:
         nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
         self.rate = nan.clone()  # per-token SIR bias bound (planner.update_rate)
         self.single_acceptance = nan.clone()  # running mean of 1 - TV(p_t, q_t) at drafted positions
+        self.positions = torch.zeros(batch, dtype=torch.float64, device=device)  # drafted positions measured, per chain
         self.accepted = torch.zeros(batch, dtype=torch.float64, device=device)  # drafts accepted by exact walks
         self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
         self.clock = PhaseClock(device)
@@ -666,7 +670,8 @@ class _AutoState:
     def plan(self, groups: torch.Tensor, group_done: torch.Tensor, rows: int, plain_rows: int) -> planner.Plan:
         probe = self.probes.must_draft()
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
-        plan = planner.plan_round(self.rate[groups], accept, self.costs, rows, self.gamma, self.bound,
+        rate = planner.usable_rate(self.rate[groups], self.positions[groups])
+        plan = planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
                                   allow_plain=not probe, allow_smc=not self.greedy, live=~group_done,
                                   plain_rows=plain_rows)
         self.probes.after(plan.k, probe)
@@ -675,6 +680,7 @@ class _AutoState:
     def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:
         bias, tv = planner.position_measures(target_lp, draft_lp, self.n)
         self.rate[groups] = planner.update_rate(self.rate[groups], planner.group_means(bias, counted, self.n))
+        self.positions[groups] += counted.view(-1, self.n * counted.shape[1]).sum(dim=1) / self.n
         observed = 1.0 - planner.group_means(tv, counted, self.n)
         self.single_acceptance[groups] = planner.update_mean(self.single_acceptance[groups], observed)
 

@@ -37,6 +37,13 @@ def probe_every_round(monkeypatch):
     monkeypatch.setattr(planner, "FIRST_PROBE", 1)
 
 
+@pytest.fixture
+def evidence_from_one_round(monkeypatch):
+    """Outputs of 5 tokens never gather MIN_EVIDENCE drafted positions: let one round's do,
+    so that the bound alone decides between SMC-SD and exact."""
+    monkeypatch.setattr(planner, "MIN_EVIDENCE", 1)
+
+
 def sample(target, draft, seed=0, samples=SAMPLES, **kwargs):
     ids = torch.tensor([PROMPT] * samples)
     torch.manual_seed(seed)
@@ -57,7 +64,7 @@ def test_plain_rounds_probes_and_exact_rounds_are_the_target(probe_every_round, 
     assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
 
 
-def test_smc_rounds_within_the_default_bound_keep_the_target_for_a_middling_draft():
+def test_smc_rounds_within_the_default_bound_keep_the_target_for_a_middling_draft(evidence_from_one_round):
     """The dangerous case (a draft at TV 0.5 from the target, where agreement looks good
     enough for SMC-SD): with every round drafting, auto at the default bound stays at the
     noise floor while SMC-SD alone does not."""
@@ -70,13 +77,17 @@ def test_smc_rounds_within_the_default_bound_keep_the_target_for_a_middling_draf
     assert total_variation(exact, auto) <= noise
 
 
-def test_a_looser_bound_runs_smc_rounds_but_not_with_a_too_sharp_draft():
+def test_a_looser_bound_runs_smc_rounds_but_not_with_a_too_sharp_draft(evidence_from_one_round):
     """The bound decides: a good draft at a loose bound gets SMC-SD rounds; the same draft at
     a temperature of 1e-6 (every particle proposes its argmax) gets none."""
     target, draft = enumerable_pair(draft_noise=0.02)
     knobs = dict(smc_particles=4, smc_gamma=1, smc_mode="auto", smc_auto_costs=SPEC_COSTS, smc_auto_threshold=0.1)
     _, out = sample(target, draft, samples=500, **knobs)
     assert int(out.num_smc_rounds.sum()) > 0
+    planner.MIN_EVIDENCE = 100  # (restored by the fixture) ... but not on too little evidence
+    _, few = sample(target, draft, samples=500, **knobs)
+    assert int(few.num_smc_rounds.sum()) == 0
+    planner.MIN_EVIDENCE = 1
     _, sharp = sample(target, draft, samples=500, smc_draft_temperature=1e-6, **knobs)
     assert int(sharp.num_smc_rounds.sum()) == 0 and int(sharp.num_exact_rounds.sum()) > 0
 

@@ -108,6 +108,12 @@ def test_update_rate_rises_at_once_and_falls_by_half_the_gap():
     assert math.isclose(float(planner.update_rate(old, new)[2]), 0.4 - planner.RATE_DECAY * 0.2)
 
 
+def test_a_rate_needs_enough_evidence():
+    rate = torch.tensor([0.01, 0.01], dtype=torch.float64)
+    got = planner.usable_rate(rate, torch.tensor([planner.MIN_EVIDENCE - 1.0, planner.MIN_EVIDENCE]))
+    assert torch.isnan(got[0]) and got[1] == 0.01
+
+
 def test_block_bias_composes_positions():
     rate = torch.tensor([0.0, 0.1, float("nan")], dtype=torch.float64)
     got = planner.block_bias(rate, 3)

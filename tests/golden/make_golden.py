@@ -80,7 +80,7 @@ CASES = {
                                                    repetition_penalty=1.8, top_k=0)),
     "mixed_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=3, max_new_tokens=17, smc_mode="mixed",
                                           smc_schedule=(1, 2), repetition_penalty=1.5, top_k=0)),
-    "auto_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=2, max_new_tokens=16, smc_mode="auto",
+    "auto_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=2, max_new_tokens=40, smc_mode="auto",
                                          smc_auto_threshold=0.9, smc_auto_costs=fixed_costs(0.0))),
     "paged_auto_plain_b3": (PROMPTS_3, "paged", dict(smc_particles=3, smc_gamma=2, max_new_tokens=15,
                                                      smc_mode="auto", smc_auto_costs=fixed_costs(10.0))),
