@@ -49,11 +49,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_BIAS_BOUND = 0.02  # smc_auto_threshold: see build_scripts/planner_table.py and docs/benchmarks.md
+DEFAULT_BIAS_BOUND = 0.1  # smc_auto_threshold: see build_scripts/planner_table.py, auto_sweep.py and docs/benchmarks.md
 RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap (slowly: see update_rate)
 PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
-FIRST_PROBE = 4  # plain rounds before the draft is tried again (then doubling)
+FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling)
 # Drafted positions (per chain) a group must have been measured at before its first SMC-SD
 # round: text alternates between easy and hard spots (see update_rate), and a rate taken from
 # one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of

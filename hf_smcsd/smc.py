@@ -279,6 +279,22 @@ def smc_sample(
             lambda index: fn(logits if index is None else logits[index], history_fn(index, new)),
         )
 
+    def group_distribution(fn: LogProbsFn, logits: torch.Tensor) -> torch.Tensor:
+        """`fn` at the first row of each live group only (`logits` `[groups, w, V]`, nothing
+        new beyond each row's tokens so far): auto's narrow plain rounds."""
+        first = torch.arange(groups.shape[0], device=device) * n
+        if not getattr(fn, "reads_history", True):
+            return fn(logits, history_fn(first, []))
+        group_clock = clock[groups]
+        out = None
+        for value in torch.unique(group_clock).tolist():
+            index = (group_clock == value).nonzero().squeeze(1)
+            part = fn(logits[index], history_fn(first[index], []))
+            if out is None:
+                out = part.new_empty((logits.shape[0],) + part.shape[1:])
+            out[index] = part
+        return out
+
     def stops(new_tokens: torch.Tensor) -> torch.Tensor:
         is_stop = torch.isin(new_tokens, stop_ids)
         if stop_fn is not None:
@@ -313,16 +329,18 @@ def smc_sample(
         do not change at alpha = 1, the only alpha auto allows). The draft sees the new
         tokens when drafting resumes. `narrow`: the runners hold one row per group (every
         group identical), whose logits serve the group's N rows."""
-        if narrow:
-            logits = target.extend(last_token[::n].unsqueeze(1)).repeat_interleave(n, dim=0)
-        else:
-            logits = target.extend(last_token.unsqueeze(1))
+        logits = target.extend((last_token[::n] if narrow else last_token).unsqueeze(1))
         if auto is not None:
             auto.clock.stop("verify")
-        lp = distribution(target_log_probs, logits, [])[:, 0]
+        if narrow:
+            lp = group_distribution(target_log_probs, logits)[:, 0]
+        else:
+            lp = distribution(target_log_probs, logits, [])[:, 0]
         if settings.greedy:
             lp = verify.one_hot(lp).log()
         token = sample(lp)
+        if narrow:
+            token = token.repeat_interleave(n)
         live = groups.shape[0]
         shared = token.view(live, n)[:, :1].expand(live, n).flatten()
         token = torch.where(identical[groups].repeat_interleave(n), shared, token)
