@@ -228,8 +228,9 @@ class Population:
         self.last_token, self.draft_pending = _copy_rows(self.last_token, plan), _copy_rows(self.draft_pending, plan)
 
     def grow_token_buffer(self, least: int, gamma: int) -> None:
-        """Widen `tokens` so that the group with the fewest tokens (`least`) has room for its
-        whole budget plus one round (doubling, so the copies stay rare)."""
+        """Widen `tokens` to keep room for one round (`gamma + 1`) past the furthest clock,
+        `budget - least` (`least`: the fewest tokens any live group has left); it at least
+        doubles, up to the budget, so the copies stay rare."""
         if self.budget - least + gamma + 1 > self.tokens.shape[1]:
             grown = max(self.budget - least, min(self.budget, 2 * (self.tokens.shape[1] - gamma - 1))) + gamma + 1
             extra = self.tokens.new_full((self.tokens.shape[0], grown - self.tokens.shape[1]), self.pad)
