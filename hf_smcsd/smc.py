@@ -17,6 +17,9 @@ leave the runners' batch; `Population.rows` maps the live rows back to the full 
 arrays that hold every particle's tokens and weights until the end. Exact rounds commit a
 different number of tokens per group, so each group has its own clock (`clock[g]`: tokens
 generated so far), and rows of one batch can differ in length (the runners' `rollback`).
+
+`tests/test_golden.py` pins the loop's behaviour: a grid of seeded runs must reproduce its
+recorded tokens, weights and diagnostics bit for bit (same random draws in the same order).
 """
 
 from __future__ import annotations
