@@ -29,6 +29,8 @@ import torch
 import transformers
 from packaging.version import Version
 
+from .families import REJECTED
+
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
 _RENAMED_CACHE = TRANSFORMERS_VERSION >= Version("5.24.0.dev0")
@@ -180,7 +182,7 @@ _OTHER_SUPPORTED_LAYERS = ("DynamicIndexedLayer", "DummyLayer")
 _STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "recurrent")
 
 _FIX = (
-    "Use an attention-only model (see the supported families in hf_smcsd.zoo.SUPPORTED and the README), "
+    "Use an attention-only model (see the supported families in hf_smcsd.families.SUPPORTED and the README), "
     "or generate without smc_particles."
 )
 
@@ -212,9 +214,8 @@ def check_supported_model(model) -> None:
     (Mamba / state-space layers, linear attention, RG-LRU, short convolutions; hybrids that
     mix them with attention) keep it in caches whose rows the runner cannot copy, so they
     are refused: transformers flags most of them `_is_stateful`, the rest are listed in
-    `hf_smcsd.zoo.REJECTED` or recognised by their `layer_types`.
+    `hf_smcsd.families.REJECTED` or recognised by their `layer_types`.
     """
-    from .zoo import REJECTED  # zoo imports nothing from here at module level
 
     config = getattr(model, "config", None)
     model_type = _model_type(model)

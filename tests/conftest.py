@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead and nondeterminism
 
@@ -126,7 +126,7 @@ ENUM_EOS = 0  # a likely token of the enumerable model, so stops happen inside b
 def enumerable_pair(draft_noise: float):
     """A 6-token target (outputs of a few tokens can be enumerated exactly) and a draft that
     is its copy with noise `draft_noise` on the weights (0.5: wrong by a fair margin, 1.0: poor)."""
-    from hf_smcsd.tiny import perturbed_copy, tiny_llama
+    from hf_smcsd.testing.tiny_models import perturbed_copy, tiny_llama
 
     target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                         seed=0, initializer_range=0.5, eos_token_id=ENUM_EOS)
@@ -135,7 +135,7 @@ def enumerable_pair(draft_noise: float):
 
 def noise_bound(exact, samples):
     """The TV a perfect sampler stays below with `samples` draws: mean + 5 sd of its noise floor."""
-    from hf_smcsd.fidelity import sampling_noise_tv
+    from hf_smcsd.testing.enumeration import sampling_noise_tv
 
     floor = sampling_noise_tv(exact, samples)
     return float(floor.mean() + 5 * floor.std())

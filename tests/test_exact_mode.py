@@ -14,8 +14,8 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
-from hf_smcsd.tiny import perturbed_copy, tiny_llama
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.tiny_models import perturbed_copy, tiny_llama
 
 from conftest import enumerable_pair, left_pad, noise_bound, processor_cases
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
 
 from conftest import enumerable_pair, noise_bound
 

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
 from hf_smcsd.smc import SMCSettings, smc_sample
 
 from conftest import enumerable_pair, full_log_probs, left_pad, noise_bound, processor_cases
