@@ -33,7 +33,7 @@ def version_key() -> str:
 
 def models():
     """The conftest pair: a target and a draft that disagree noticeably (vocabulary 40, EOS 3)."""
-    from hf_smcsd.tiny import tiny_llama
+    from hf_smcsd.testing.tiny_models import tiny_llama
 
     target = tiny_llama(vocab_size=40, hidden_size=48, num_layers=2, seed=0, initializer_range=0.25, eos_token_id=EOS)
     draft = tiny_llama(vocab_size=40, hidden_size=32, num_layers=1, seed=1, initializer_range=0.25, eos_token_id=EOS)
