@@ -29,8 +29,8 @@ import torch
 
 import hf_smcsd
 from hf_smcsd import planner
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
-from hf_smcsd.tiny import perturbed_copy, tiny_llama
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
+from hf_smcsd.testing.tiny_models import perturbed_copy, tiny_llama
 
 EOS = 0
 PROMPT = [1, 2, 3]

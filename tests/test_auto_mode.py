@@ -8,7 +8,7 @@ import torch
 
 import hf_smcsd
 from hf_smcsd import planner
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
 
 from conftest import enumerable_pair, left_pad, noise_bound
 

@@ -76,7 +76,7 @@ class Context:
 def tiny_pair():
     """A 2-layer random Llama (4 heads of 64 over 2 KV heads: XQA groups of 2) and its
     1-layer truncation as the draft."""
-    from ..tiny import tiny_llama, truncated_copy
+    from ..testing.tiny_models import tiny_llama, truncated_copy
 
     target = tiny_llama(vocab_size=VOCAB, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                         initializer_range=0.25, seed=0)
