@@ -53,7 +53,8 @@ DEFAULT_BIAS_BOUND = 0.1  # smc_auto_threshold: see build_scripts/planner_table.
 RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap (slowly: see update_rate)
 PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
-FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling)
+FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling) ...
+PROBE_FACTOR = 4.0  # ... and plain time, in multiples of the probe's predicted time (ProbeSchedule)
 # Drafted positions (per chain) a group must have been measured at before its first SMC-SD
 # round: text alternates between easy and hard spots (see update_rate), and a rate taken from
 # one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of
@@ -267,24 +268,31 @@ def plan_round(
 @dataclass
 class ProbeSchedule:
     """When a run that decodes plainly tries the draft again: after `wait` plain rounds in a
-    row. A probe followed by plain decoding again doubles the wait; a round that drafts by
-    choice resets it."""
+    row, and once those plain rounds took `PROBE_FACTOR` times what the probe is predicted
+    to cost (so probing costs at most about 1 / PROBE_FACTOR of the plain time: at a large
+    batch a probe's N x (K+1) rows cost many plain steps). A probe followed by plain decoding
+    again doubles both; a round that drafts by choice resets them."""
 
     wait: int = FIRST_PROBE
+    factor: float = PROBE_FACTOR
     streak: int = 0
+    plain_seconds: float = 0.0  # predicted time of the plain rounds since the last draft
     probed: bool = False  # the last round was a probe
 
-    def must_draft(self) -> bool:
-        return self.streak >= self.wait
+    def must_draft(self, probe_seconds: float = 0.0) -> bool:
+        return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
 
-    def after(self, k: int, probe: bool) -> None:
-        """Record the round just planned: its K and whether it was a forced probe."""
+    def after(self, k: int, probe: bool, seconds: float = 0.0) -> None:
+        """Record the round just planned: its K, whether it was a forced probe, and its
+        predicted seconds."""
         if k == 0:
             if self.probed:
                 self.wait *= 2
+                self.factor *= 2
             self.streak += 1
+            self.plain_seconds += seconds
         else:
-            self.streak = 0
+            self.streak, self.plain_seconds = 0, 0.0
             if not probe:
-                self.wait = FIRST_PROBE
+                self.wait, self.factor = FIRST_PROBE, PROBE_FACTOR
         self.probed = probe

@@ -619,7 +619,7 @@ class _AutoState:
         self.accepted = torch.zeros(batch, dtype=torch.float64, device=device)  # drafts accepted by exact walks
         self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
         self.clock = PhaseClock(device)
-        self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE)
+        self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE, factor=planner.PROBE_FACTOR)
         self.last_round: tuple[int, int, int] | None = None  # (rows, K, verify width) of the round just run
         self.measure = settings.auto_costs is None
         if not self.measure:
@@ -658,13 +658,15 @@ class _AutoState:
         p = self.population
         groups, rows = p.groups, p.rows.shape[0]
         plain_rows = groups.shape[0] if p.can_narrow else rows
-        probe = self.probes.must_draft()
+        probe_seconds = self.costs.round_seconds(rows, self.gamma) if self.costs.verify.known else 0.0
+        probe = self.probes.must_draft(probe_seconds)
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         plan = planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
                                   allow_plain=not probe, allow_smc=not self.greedy, live=~group_done,
                                   plain_rows=plain_rows)
-        self.probes.after(plan.k, probe)
+        plain_seconds = self.costs.round_seconds(plain_rows, 0) if self.costs.verify.known else 0.0
+        self.probes.after(plan.k, probe, plain_seconds)
         return plan
 
     def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:

@@ -10,7 +10,7 @@ import hf_smcsd
 from hf_smcsd import planner
 from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
 
-from conftest import enumerable_pair, left_pad, noise_bound
+from conftest import enumerable_pair, left_pad, noise_bound, processor_cases
 
 EOS, NEW, SAMPLES = 0, 5, 10_000
 PROMPT = [1, 2, 3]
@@ -35,6 +35,7 @@ def probe_every_round(monkeypatch):
     """The first probe after one plain round (then 2, 4, ...), so short outputs mix plain
     rounds, probes and the draft's catch-up."""
     monkeypatch.setattr(planner, "FIRST_PROBE", 1)
+    monkeypatch.setattr(planner, "PROBE_FACTOR", 0.0)
 
 
 @pytest.fixture
@@ -61,6 +62,20 @@ def test_plain_rounds_probes_and_exact_rounds_are_the_target(probe_every_round, 
                       smc_auto_costs=PLAIN_COSTS)
     modes = "".join(out.round_modes)
     assert "p" in modes and "e" in modes and "s" not in modes  # plain rounds and probes both ran
+    assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
+
+
+@processor_cases()
+def test_narrow_plain_rounds_follow_the_processed_target(probe_every_round, generate_kwargs, processors):
+    """Plain rounds on one row per group apply the processors (one that reads each row's
+    sequence among them) as the target's own sampling does."""
+    from transformers import LogitsProcessorList
+
+    target, draft = enumerable_pair(draft_noise=1.0)
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
+    got, out = sample(target, draft, smc_particles=3, smc_gamma=2, smc_mode="auto", smc_auto_costs=PLAIN_COSTS,
+                      **generate_kwargs)
+    assert "p" in "".join(out.round_modes)
     assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
 
 

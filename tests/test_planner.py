@@ -205,13 +205,14 @@ def test_greedy_plans_never_run_smc():
 
 
 def test_probe_schedule_backs_off_and_resets():
-    probes = planner.ProbeSchedule(wait=2)
-    probes.after(0, probe=False)
+    probes = planner.ProbeSchedule(wait=2, factor=4.0)
+    probes.after(0, probe=False, seconds=1.0)
     assert not probes.must_draft()
-    probes.after(0, probe=False)
-    assert probes.must_draft()
+    probes.after(0, probe=False, seconds=1.0)
+    assert probes.must_draft(probe_seconds=0.5)
+    assert not probes.must_draft(probe_seconds=1.0)  # 2 s of plain rounds < 4 x a 1 s probe
     probes.after(3, probe=True)  # the probe ...
-    probes.after(0, probe=False)  # ... went back to plain: wait twice as long
-    assert probes.wait == 4 and probes.streak == 1
+    probes.after(0, probe=False, seconds=1.0)  # ... went back to plain: wait twice as long
+    assert probes.wait == 4 and probes.factor == 8.0 and probes.streak == 1
     probes.after(2, probe=False)  # drafting by choice resets the wait
-    assert probes.wait == planner.FIRST_PROBE and probes.streak == 0
+    assert probes.wait == planner.FIRST_PROBE and probes.factor == planner.PROBE_FACTOR and probes.streak == 0

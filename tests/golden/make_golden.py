@@ -53,7 +53,7 @@ def char_tokenizer():
 
 def fixed_costs(draft_step: float):
     """auto's costs fixed (reproducible plans): a width-free 1 s verify pass, draft steps of
-    `draft_step` s (0: every round drafts; 10: plain rounds, with probes)."""
+    `draft_step` s (0: every round drafts; 0.6: plain rounds, with a probe after 9)."""
     from hf_smcsd.planner import CostModel
 
     costs = CostModel()
@@ -84,7 +84,7 @@ CASES = {
     "auto_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=2, max_new_tokens=40, smc_mode="auto",
                                          smc_auto_threshold=0.9, smc_auto_costs=fixed_costs(0.0))),
     "paged_auto_plain_b3": (PROMPTS_3, "paged", dict(smc_particles=3, smc_gamma=2, max_new_tokens=15,
-                                                     smc_mode="auto", smc_auto_costs=fixed_costs(10.0))),
+                                                     smc_mode="auto", smc_auto_costs=fixed_costs(0.6))),
     "greedy_b3": (PROMPTS_3, "eager", dict(smc_particles=3, smc_gamma=3, max_new_tokens=11, do_sample=False,
                                            smc_draft_temperature=1.0)),
     "bad_words_min_new": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=3, max_new_tokens=12, min_new_tokens=6,
