@@ -54,7 +54,7 @@ RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap 
 PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
 FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling) ...
-PROBE_FACTOR = 4.0  # ... and plain time, in multiples of the probe's predicted time (ProbeSchedule)
+PROBE_FACTOR = 8.0  # ... and plain time, in multiples of the probe's predicted time (ProbeSchedule)
 # Drafted positions (per chain) a group must have been measured at before its first SMC-SD
 # round: text alternates between easy and hard spots (see update_rate), and a rate taken from
 # one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of
@@ -271,20 +271,25 @@ class ProbeSchedule:
     row, and once those plain rounds took `PROBE_FACTOR` times what the probe is predicted
     to cost (so probing costs at most about 1 / PROBE_FACTOR of the plain time: at a large
     batch a probe's N x (K+1) rows cost many plain steps). A probe followed by plain decoding
-    again doubles both; a round that drafts by choice resets them."""
+    again doubles both; a round that drafts by choice resets them. The first round always
+    drafts (`first`): a draft that pays is found at once, one that does not costs a round."""
 
     wait: int = FIRST_PROBE
     factor: float = PROBE_FACTOR
     streak: int = 0
     plain_seconds: float = 0.0  # predicted time of the plain rounds since the last draft
     probed: bool = False  # the last round was a probe
+    first: bool = True  # no round planned yet
 
     def must_draft(self, probe_seconds: float = 0.0) -> bool:
+        if self.first:
+            return True
         return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
 
     def after(self, k: int, probe: bool, seconds: float = 0.0) -> None:
         """Record the round just planned: its K, whether it was a forced probe, and its
         predicted seconds."""
+        self.first = False
         if k == 0:
             if self.probed:
                 self.wait *= 2

@@ -25,6 +25,7 @@ recorded tokens, weights and diagnostics bit for bit (same random draws in the s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -458,8 +459,8 @@ class RoundShape:
         """The shape of the kept live groups (after `Population.drop_groups`)."""
         self.exact, self.collapse = self.exact[keep_groups], self.collapse[keep_groups]
         self.remaining = self.remaining[keep_groups]
-        if self.plan is not None:
-            self.plan.bias = self.plan.bias[keep_groups]
+        if self.plan is not None:  # a copy: the planner may reuse its plan
+            self.plan = dataclasses.replace(self.plan, bias=self.plan.bias[keep_groups])
         return self
 
     def exact_rows(self, n: int) -> torch.Tensor:
@@ -585,6 +586,7 @@ def smc_sample(
 
 _COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
 _COST_CACHE_SIZE = 64
+REPLAN_EVERY = 8  # plain rounds that may reuse one plan (_AutoState.plan)
 
 
 def _cost_key(runner) -> tuple | None:
@@ -621,6 +623,8 @@ class _AutoState:
         self.clock = PhaseClock(device)
         self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE, factor=planner.PROBE_FACTOR)
         self.last_round: tuple[int, int, int] | None = None  # (rows, K, verify width) of the round just run
+        self.last_plan: planner.Plan | None = None
+        self.last_plain_seconds, self.reused = 0.0, 0
         self.measure = settings.auto_costs is None
         if not self.measure:
             self.costs = settings.auto_costs
@@ -654,12 +658,22 @@ class _AutoState:
         return costs
 
     def plan(self, group_done: torch.Tensor) -> planner.Plan:
-        """The planner's choice for the live groups (`group_done`: those ending now)."""
+        """The planner's choice for the live groups (`group_done`: those ending now). In a
+        run of plain rounds nothing the plan depends on changes but the measured costs, so
+        the last plan is reused (no planner work, no host synchronisation) until a probe is
+        due, the live groups change, or `REPLAN_EVERY` rounds have passed."""
         p = self.population
         groups, rows = p.groups, p.rows.shape[0]
         plain_rows = groups.shape[0] if p.can_narrow else rows
         probe_seconds = self.costs.round_seconds(rows, self.gamma) if self.costs.verify.known else 0.0
         probe = self.probes.must_draft(probe_seconds)
+        last = self.last_plan
+        if (last is not None and last.k == 0 and not probe and last.exact.shape[0] == groups.shape[0]
+                and self.reused < REPLAN_EVERY):
+            self.reused += 1
+            self.probes.after(0, False, self.last_plain_seconds)
+            return last
+        self.reused = 0
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         plan = planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
@@ -667,6 +681,7 @@ class _AutoState:
                                   plain_rows=plain_rows)
         plain_seconds = self.costs.round_seconds(plain_rows, 0) if self.costs.verify.known else 0.0
         self.probes.after(plan.k, probe, plain_seconds)
+        self.last_plan, self.last_plain_seconds = plan, plain_seconds
         return plan
 
     def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:

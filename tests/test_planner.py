@@ -206,6 +206,11 @@ def test_greedy_plans_never_run_smc():
 
 def test_probe_schedule_backs_off_and_resets():
     probes = planner.ProbeSchedule(wait=2, factor=4.0)
+    assert probes.must_draft(probe_seconds=100.0)  # the first round drafts
+    probes.after(2, probe=True)
+    probes.after(0, probe=False, seconds=1.0)
+    assert probes.wait == 4 and probes.factor == 8.0  # that first probe went back to plain
+    probes = planner.ProbeSchedule(wait=2, factor=4.0, first=False)
     probes.after(0, probe=False, seconds=1.0)
     assert not probes.must_draft()
     probes.after(0, probe=False, seconds=1.0)
