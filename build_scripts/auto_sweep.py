@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--thresholds", default="default", help="auto's smc_auto_threshold values ('default': the library's)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--auto-only", action="store_true", help="skip SMC-SD and exact mode")
     parser.add_argument("--forced", action="store_true",
                         help="also run each auto threshold with drafting forced (/d: fixed costs under which every "
                              "round drafts), a stress test of the quality bound")
@@ -77,7 +78,9 @@ def main() -> None:
     inputs = tokenizer(prompts(args.prompts, args.seed), return_tensors="pt", padding=True)
     sampling = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=args.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    methods = [("target alone", None), ("smc", dict(smc_mode="smc")), ("exact", dict(smc_mode="exact"))]
+    methods = [("target alone", None)]
+    if not args.auto_only:
+        methods += [("smc", dict(smc_mode="smc")), ("exact", dict(smc_mode="exact"))]
     for t in args.thresholds.split(","):
         knobs = dict(smc_mode="auto") if t == "default" else dict(smc_mode="auto", smc_auto_threshold=float(t))
         methods.append((f"auto {t}", knobs))
