@@ -289,11 +289,7 @@ def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: in
     # Processors that carry one value per prompt of generate()'s batch (transformers 5.24's
     # repetition penalty keeps each prompt's padding length): rows here are particles, so
     # each call gets the values of its rows' prompts (`history.prompts`).
-    per_prompt = [
-        (p, p.prompt_ignore_length[::prompt_stride])
-        for p in logits_processor
-        if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor)
-    ]
+    per_prompt = [(p, values[::prompt_stride]) for p, values in _processor_row_state(logits_processor)]
 
     def log_probs_fn(logits: torch.Tensor, history) -> torch.Tensor:
         rows, width, vocab = logits.shape
@@ -313,6 +309,16 @@ def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: in
 
     log_probs_fn.reads_history = not position_free
     return log_probs_fn
+
+
+def _processor_row_state(logits_processor) -> list[tuple[Any, torch.Tensor]]:
+    """Processors holding one value per row of generate()'s batch (transformers 5.24's
+    repetition penalty keeps each row's padding length), with those values."""
+    return [
+        (p, p.prompt_ignore_length)
+        for p in logits_processor
+        if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor)
+    ]
 
 
 def _draft_processors(logits_processor: LogitsProcessorList, temperature: float) -> LogitsProcessorList:
@@ -409,17 +415,24 @@ def _smc_decode(
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
     runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
                           max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
-    result = smc_sample(
-        make_runner(model, smc_vocab, **runner_options),
-        make_runner(smc_draft, smc_vocab, **runner_options),
-        input_ids,
-        attention_mask,
-        settings,
-        target_log_probs=processed_log_probs(logits_processor, prompt_stride=num_return),
-        draft_log_probs=draft_log_probs,
-        stop_fn=stopping_fn(stopping_criteria),
-        stream=streamer.put if streamer is not None else None,
-    )
+    # The loop points per-row processor state at its particle rows; the scores pass below (one
+    # row per returned sequence) and a processor the caller reuses need the rows generate() set.
+    row_state = _processor_row_state(logits_processor)
+    try:
+        result = smc_sample(
+            make_runner(model, smc_vocab, **runner_options),
+            make_runner(smc_draft, smc_vocab, **runner_options),
+            input_ids,
+            attention_mask,
+            settings,
+            target_log_probs=processed_log_probs(logits_processor, prompt_stride=num_return),
+            draft_log_probs=draft_log_probs,
+            stop_fn=stopping_fn(stopping_criteria),
+            stream=streamer.put if streamer is not None else None,
+        )
+    finally:
+        for processor, value in row_state:
+            processor.prompt_ignore_length = value
     if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
         chosen = int(result.chosen[0, 0])
         streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
