@@ -397,6 +397,7 @@ def _smc_decode(
         smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
         num_return_sequences=num_return, greedy=greedy,
     ))
+    _check_positions_fit(model, smc_draft, input_ids, attention_mask, max_new_tokens)
     if greedy or settings.mode != "smc":  # exact rounds roll caches back: sliding windows must hold it all
         longest = prompt_length + max_new_tokens + settings.gamma + 1
         for name, m in (("model", model), ("assistant_model", smc_draft)):
@@ -462,15 +463,16 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompts)
     per_row = rows // prompt_mask.shape[0]  # num_return_sequences, prompt-major
-    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new)], dim=1)
+    # The last token is not fed (as in sampling): a learned position table need not hold it.
+    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new - 1)], dim=1)
     kwargs = {"attention_mask": mask, "use_cache": False}
     parameters = inspect.signature(model.forward).parameters
     if "position_ids" in parameters:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() does
     if "logits_to_keep" in parameters:
-        kwargs["logits_to_keep"] = new + 1  # not the prompt's: [rows, prompt, V] can be large
+        kwargs["logits_to_keep"] = new  # not the prompt's: [rows, prompt, V] can be large
     with torch.no_grad():
-        logits = model(input_ids=sequences, **kwargs).logits[:, -(new + 1) : -1].float()
+        logits = model(input_ids=sequences[:, :-1], **kwargs).logits[:, -new:].float()
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     if generation_config.output_logits:
@@ -479,6 +481,25 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
         output.scores = tuple(
             logits_processor(sequences[:, : prompt_length + j], logits[:, j].clone()) for j in range(new)
         )
+
+
+def _check_positions_fit(target, draft, input_ids, attention_mask, max_new_tokens: int) -> None:
+    """A model with a learned position table (GPT-2, OPT) embeds a fixed number of positions:
+    a prompt of L real tokens and its first max_new_tokens - 1 new ones (the last one is never
+    fed) must fit. Stock generate() would fail there too, but deep inside the model."""
+    limits = [(name, m, compat.learned_position_limit(m)) for name, m in (("model", target), ("assistant_model", draft))]
+    limits = [(name, m, limit) for name, m, limit in limits if limit is not None]
+    if not limits:
+        return
+    longest = int(attention_mask.sum(-1).max()) if attention_mask is not None else input_ids.shape[1]
+    need = longest + max_new_tokens - 1
+    for name, m, limit in limits:
+        if need > limit:
+            raise ValueError(
+                f"{name} ({type(m).__name__}) has learned absolute positions and holds {limit} of them, but this "
+                f"request feeds {need}: the longest prompt has {longest} tokens, plus max_new_tokens={max_new_tokens} "
+                f"minus 1. Lower max_new_tokens to at most {limit - longest + 1} (or shorten the prompt)."
+            )
 
 
 def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, vocab_size) -> None:
