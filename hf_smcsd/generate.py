@@ -174,9 +174,20 @@ def _knob(name: str, kwargs: dict, generation_config, model):
     return _setting(name, kwargs, generation_config, model, SMC_KNOBS[name])
 
 
-def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -> tuple[dict, int | None]:
+def _knob_is_set(name: str, kwargs: dict, generation_config, model) -> bool:
+    """Whether the call sets a knob (a keyword, or a generation config carrying it)."""
+    if name in kwargs:
+        return kwargs[name] is not None
+    return any(
+        getattr(config, name, None) is not None for config in (generation_config, getattr(model, "generation_config", None))
+    )
+
+
+def _check_request(model, draft, knobs: dict, explicit: set, args: tuple, kwargs: dict,
+                   generation_config) -> tuple[dict, int | None]:
     """Every check before any work (`hf_smcsd.validation`): the knobs with plain values, and
     the vocabulary both models run on when their widths differ by padding (else None)."""
+    knobs["smc_gamma"] = validation.draft_tokens(kwargs, "smc_gamma" in explicit, knobs["smc_gamma"], draft)
     knobs = validation.check_knobs(knobs)
     shared_vocab = validation.check_models(model, draft, kwargs)
 
@@ -184,7 +195,10 @@ def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -
         return _setting(name, kwargs, generation_config, model)
 
     validation.check_generate_args(kwargs, setting, generation_config)
+    prompts = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    validation.check_prompts(prompts, kwargs.get("attention_mask"), (("model", model), ("assistant_model", draft)))
     validation.warn_ignored_outputs(setting)
+    validation.warn_ineffective_knobs(explicit, knobs["smc_mode"], greedy=not setting("do_sample"))
     return knobs, shared_vocab
 
 
@@ -193,6 +207,7 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     if generation_config is None and len(args) > 1:
         generation_config = args[1]
     knobs = {name: _knob(name, kwargs, generation_config, model) for name in SMC_KNOBS}
+    explicit = {name for name in SMC_KNOBS if _knob_is_set(name, kwargs, generation_config, model)}
     for name in SMC_KNOBS:  # stock generate() would reject them as unused model kwargs
         kwargs.pop(name, None)
     if knobs["smc_particles"] is None:
@@ -204,7 +219,7 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             "smc_particles is set but no draft model was given: pass assistant_model=<a small causal LM "
             "sharing the target's tokenizer>, or drop smc_particles for ordinary generation."
         )
-    knobs, shared_vocab = _check_request(model, draft, knobs, kwargs, generation_config)
+    knobs, shared_vocab = _check_request(model, draft, knobs, explicit, args, kwargs, generation_config)
     # do_sample=False: greedy verification of the N sampled draft chains (exact, any batch size).
     greedy = not _setting("do_sample", kwargs, generation_config, model)
     # cache_implementation="static" selects the static runner (SMC-SD builds its caches itself).
@@ -393,8 +408,11 @@ def _smc_decode(
     pad = _token_ids(pad)[0] if pad is not None else (eos[0] if eos else 0)
     temperature = generation_config.temperature or 1.0
     greedy = not generation_config.do_sample
+    # A round drafts at most what some budget can keep (K = min(smc_gamma, tokens left)), so
+    # a K beyond max_new_tokens changes nothing but what buffers and estimates would size.
+    knobs = dict(smc_knobs, smc_gamma=min(smc_knobs["smc_gamma"], max_new_tokens))
     settings = SMCSettings(**_settings_kwargs(
-        smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
+        knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
         num_return_sequences=num_return, greedy=greedy,
     ))
     _check_positions_fit(model, smc_draft, input_ids, attention_mask, max_new_tokens)
