@@ -1,18 +1,25 @@
 """The round loop of SMC-SD and its exact mode, as specified in docs/algorithm.md
 (shared/docs in the project repo).
 
-Reads top to bottom like the spec: start; then rounds of choose a mode per group -> draft
--> verify -> apply the group's operator (SMC-SD weights, or the exact accept walk) -> stop
--> resample or redo; then the final pick. It talks to the two models only through
-`Runner`s and never imports transformers; the math after the verify pass lives in
-`verify.py`, the mode choice in `policy.py`, resampling in `resampling.py`.
+Reads top to bottom like the spec. `smc_sample` is the loop: start; then rounds of
+choose the round's shape -> draft -> verify -> SMC-SD operator -> exact operator -> finish
+and weigh -> commit caches -> redo dead populations -> resample; then the final pick. Each
+of those is one function below, in that order, taking the run's state (`Population`) and
+what it needs, returning what it produces; its docstring names the state it changes. The
+loop's two host synchronisations per round stay in the loop. It talks to the two models
+only through `Runner`s and never imports transformers; the math after the verify pass lives
+in `verify.py` and `weights.py`, the mode choice in `policy.py`, resampling in
+`resampling.py`.
 
 Layout: a batch of B prompts is B groups of N particles; every tensor over particles is
 `[rows]` with rows group-major (`group * N + particle`). Rows of groups that have ended
-leave the runners' batch; `rows` maps the live rows back to the full `[B * N]` arrays that
-hold every particle's tokens and weights until the end. Exact rounds commit a different
-number of tokens per group, so each group has its own clock (`clock[g]`: tokens generated
-so far), and rows of one batch can differ in length (the runners' `rollback`).
+leave the runners' batch; `Population.rows` maps the live rows back to the full `[B * N]`
+arrays that hold every particle's tokens and weights until the end. Exact rounds commit a
+different number of tokens per group, so each group has its own clock (`clock[g]`: tokens
+generated so far), and rows of one batch can differ in length (the runners' `rollback`).
+
+`tests/test_golden.py` pins the loop's behaviour: a grid of seeded runs must reproduce its
+recorded tokens, weights and diagnostics bit for bit (same random draws in the same order).
 """
 
 from __future__ import annotations
@@ -150,6 +157,645 @@ class SMCResult:
     stats: dict = field(default_factory=dict)
 
 
+# --- The run's state. ---
+
+
+class Population:
+    """Every particle of every prompt of a run, and the two models' caches of the live ones.
+
+    Full arrays over every particle `[B * N]`, kept until the end: `tokens` (new tokens,
+    `[B * N, columns]`, pad after each particle's end), `lengths`, `finished`, `log_weights`.
+    Per prompt (group) `[B]`: `clock` (tokens generated), `log_z`, `rounds_run`, `agreement`
+    (policy.py), `identical` (all its particles hold the same tokens), `force_exact` (the
+    next round redoes a dead SMC-SD round). The live map: `rows` (live row -> full row) and
+    `groups` (live group -> prompt). Per live row: `last_token` (x_last, which the target
+    has not seen) and `draft_pending` (the tokens the draft has not seen: [x0], then 2
+    wide, 1 after a first-round redo; one width for all rows). `stats` keeps the
+    diagnostics, `stream` the settled tokens' consumer.
+    """
+
+    def __init__(self, target: Runner, draft: Runner, prompts: torch.Tensor, settings: SMCSettings, stream=None):
+        self.target, self.draft, self.prompts = target, draft, prompts
+        self.n, self.budget, self.pad = settings.particles, settings.max_new_tokens, settings.pad_token_id
+        batch, device = prompts.shape[0], prompts.device
+        total = batch * self.n
+        # Grows as the clocks advance (a huge max_new_tokens does not allocate up front) and
+        # keeps room for one round past the furthest clock, so writes at any group's clock
+        # never need clamping.
+        columns = min(self.budget, _INITIAL_TOKENS) + settings.gamma + 1
+        self.tokens = torch.full((total, columns), self.pad, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(total, dtype=torch.long, device=device)
+        self.finished = torch.zeros(total, dtype=torch.bool, device=device)
+        self.log_weights = torch.zeros(total, dtype=WEIGHT_DTYPE, device=device)
+        self.clock = torch.zeros(batch, dtype=torch.long, device=device)
+        self.log_z = torch.zeros(batch, dtype=WEIGHT_DTYPE, device=device)
+        self.rows = torch.arange(total, device=device)
+        self.groups = torch.arange(batch, device=device)
+        self.rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
+        self.agreement = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+        self.identical = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.force_exact = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.last_token = self.draft_pending = None  # set by `start`
+        self.stats: _Stats | None = None
+        self.stream, self.streamed = stream, 0
+
+    @property
+    def batch(self) -> int:
+        return self.clock.shape[0]
+
+    @property
+    def num_live_groups(self) -> int:
+        return self.groups.shape[0]
+
+    # Particles in and out.
+
+    def drop_groups(self, ended: torch.Tensor) -> torch.Tensor:
+        """Rows of the `ended` live groups leave both caches and the live map; returns the
+        kept groups' indices in the old live numbering."""
+        keep_groups = (~ended).nonzero().squeeze(1)
+        keep = _group_rows(keep_groups, self.n)
+        for runner in (self.target, self.draft):
+            runner.keep(keep)
+        self.rows, self.groups = self.rows[keep], self.groups[keep_groups]
+        self.last_token, self.draft_pending = self.last_token[keep], self.draft_pending[keep]
+        return keep_groups
+
+    def copy_rows(self, plan: CopyPlan) -> None:
+        """Apply row copies (live rows) to both caches and every particle's tokens, length,
+        finished flag and pending tokens (not the weights: the callers reset them)."""
+        for runner in (self.target, self.draft):
+            runner.reorder(plan)
+        full = plan.offset(self.rows)  # in full-array coordinates
+        for state in (self.tokens, self.lengths, self.finished):
+            state[full.dest] = state[full.src]
+        self.last_token, self.draft_pending = _copy_rows(self.last_token, plan), _copy_rows(self.draft_pending, plan)
+
+    def grow_token_buffer(self, least: int, gamma: int) -> None:
+        """Widen `tokens` to keep room for one round (`gamma + 1`) past the furthest clock,
+        `budget - least` (`least`: the fewest tokens any live group has left); it at least
+        doubles, up to the budget, so the copies stay rare."""
+        if self.budget - least + gamma + 1 > self.tokens.shape[1]:
+            grown = max(self.budget - least, min(self.budget, 2 * (self.tokens.shape[1] - gamma - 1))) + gamma + 1
+            extra = self.tokens.new_full((self.tokens.shape[0], grown - self.tokens.shape[1]), self.pad)
+            self.tokens = torch.cat([self.tokens, extra], dim=1)
+
+    # Rounds in and out.
+
+    def save(self) -> _Saved:
+        """The live rows' state before a round, to discard the round if its population dies."""
+        return _Saved(self.log_weights[self.rows].clone(), self.lengths[self.rows].clone(),
+                      self.finished[self.rows].clone(), self.last_token, self.draft_pending,
+                      self.identical[self.groups].clone())
+
+    def commit_tokens(self, new_tokens, keep_mask, kept, stopped, active, increment, advance) -> None:
+        """Append the kept new tokens `[rows, width]` at each group's clock, add the weight
+        `increment` `[rows]`, mark the rows that `stopped` finished, and advance the clocks."""
+        rows = self.rows
+        self.log_weights[rows] += increment
+        position = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+        columns = self.clock[rows // self.n].unsqueeze(1) + position
+        written = self.tokens[rows.unsqueeze(1), columns]
+        self.tokens[rows.unsqueeze(1), columns] = torch.where(keep_mask, new_tokens, written)
+        self.lengths[rows] += kept
+        self.finished[rows] |= active & stopped
+        self.clock[self.groups] += advance
+
+    def roll_back(self, dead: torch.Tensor, saved: _Saved, advance: torch.Tensor, width: int,
+                  target_fed: int, draft_fed: int) -> None:
+        """Discard the round just run for the `dead` live groups: both caches drop what the
+        round fed, tokens, clocks, weights, lengths, flags and pending tokens return to
+        `saved`, and the round is uncounted."""
+        n, groups = self.n, self.groups
+        dead_rows = dead.repeat_interleave(n)
+        full = self.rows[dead_rows]
+        self.target.rollback(torch.where(dead_rows, target_fed, 0))
+        self.draft.rollback(torch.where(dead_rows, draft_fed, 0))
+        self.draft_pending = _restore_pending(self.draft, dead_rows, saved.draft_pending, self.draft_pending)
+        position = torch.arange(width, device=advance.device)
+        columns = self.clock[full // n].unsqueeze(1) - advance.repeat_interleave(n)[dead_rows].unsqueeze(1) + position
+        self.tokens[full.unsqueeze(1), columns] = self.pad
+        self.clock[groups[dead]] -= advance[dead]
+        self.log_weights[full] = saved.log_weights[dead_rows]
+        self.lengths[full], self.finished[full] = saved.lengths[dead_rows], saved.finished[dead_rows]
+        self.last_token = torch.where(dead_rows, saved.last_token, self.last_token)
+        self.identical[groups[dead]] = saved.identical[dead]
+        self.rounds_run[groups[dead]] -= 1
+
+    # Sequences for processors and stopping criteria that read them.
+
+    def history(self, index: torch.Tensor | None, new: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Padded prompt, tokens so far and `new` tokens of the live rows `index` (all rows
+        if None), which must share one clock."""
+        full = self.rows if index is None else self.rows[index]
+        start = int(self.clock[full[0] // self.n])
+        pieces = [self.prompts[full // self.n], self.tokens[full, :start]]
+        pieces += [x if index is None else x[index] for x in new]
+        return torch.cat(pieces, dim=1)
+
+    def by_clock(self, reads_history: bool, compute: Callable) -> torch.Tensor:
+        """`compute(index)` for the live rows, one call per distinct group clock (rows of
+        different lengths cannot share one sequence tensor)."""
+        if not reads_history:
+            return compute(None)
+        row_clock = self.clock[self.rows // self.n]
+        values = torch.unique(row_clock)
+        if values.numel() == 1:
+            return compute(None)
+        out = None
+        for value in values.tolist():
+            index = (row_clock == value).nonzero().squeeze(1)
+            part = compute(index)
+            if out is None:
+                out = part.new_empty((self.rows.shape[0],) + part.shape[1:])
+            out[index] = part
+        return out
+
+    def distribution(self, fn: LogProbsFn, logits: torch.Tensor, new: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`fn` (a `LogProbsFn`) over the live rows' `logits`, each row seeing its own history
+        followed by `new`."""
+
+        def compute(index):
+            history = lambda: self.history(index, new)  # noqa: E731
+            history.prompts = (self.rows if index is None else self.rows[index]) // self.n  # per-prompt state
+            return fn(logits if index is None else logits[index], history)
+
+        return self.by_clock(getattr(fn, "reads_history", True), compute)
+
+    def stream_settled(self) -> None:
+        """Hand the stream the new tokens every particle now shares (resampling and the final
+        pick can no longer change them)."""
+        if self.stream is not None:
+            shared = _shared_prefix(self.tokens[:, : self.budget], self.lengths)
+            if shared > self.streamed:
+                self.stream(self.tokens[0, self.streamed : shared])
+                self.streamed = shared
+
+
+@dataclass
+class _Saved:
+    """The live rows' state before a round, to discard the round if its population dies."""
+
+    log_weights: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    last_token: torch.Tensor
+    draft_pending: torch.Tensor
+    identical: torch.Tensor  # per live group
+
+
+@dataclass
+class Rules:
+    """What the particles are sampled from and stopped by (fixed for the run)."""
+
+    settings: SMCSettings
+    target_log_probs: LogProbsFn
+    draft_log_probs: LogProbsFn
+    stop_ids: torch.Tensor
+    stop_fn: StopFn | None
+
+    def stops(self, population: Population, new_tokens: torch.Tensor) -> torch.Tensor:
+        """`[rows, w]`: which of the live rows' new tokens complete a stop (EOS or a criterion)."""
+        is_stop = torch.isin(new_tokens, self.stop_ids)
+        if self.stop_fn is not None:
+            width = new_tokens.shape[1]
+            is_stop |= population.by_clock(
+                True, lambda index: self.stop_fn(population.history(index, [new_tokens]), width)
+            )
+        return is_stop
+
+
+# --- What the phases of a round hand each other. ---
+
+
+@dataclass
+class RoundShape:
+    """Per live group: whether it ended (`done`), runs exact (`exact`), must first collapse
+    onto one particle (`collapse`), and its budget left (`remaining`); `summary` is what the
+    loop reads on the host. After `settle`: those counts, and the round's K."""
+
+    done: torch.Tensor
+    exact: torch.Tensor
+    collapse: torch.Tensor
+    remaining: torch.Tensor
+    summary: torch.Tensor
+    num_done: int = 0
+    num_collapse: int = 0
+    any_exact: bool = False
+    least: int = 0  # fewest tokens any live group has left
+    k: int = 0  # draft tokens per row this round
+    with_bonus: bool = True  # whether a bonus token follows the k drafts
+
+    def settle(self, summary: list, gamma: int) -> None:
+        """Take the host's copy of `summary`, and fix the round's K: the last rounds draft
+        only what some budget can keep, and skip the bonus where no budget reaches it."""
+        self.num_done, self.num_collapse, num_exact, most, self.least = summary
+        self.any_exact = num_exact > 0
+        self.k = min(gamma, most)
+        self.with_bonus = most > self.k
+
+    def only(self, keep_groups: torch.Tensor) -> RoundShape:
+        """The shape of the kept live groups (after `Population.drop_groups`)."""
+        self.exact, self.collapse = self.exact[keep_groups], self.collapse[keep_groups]
+        self.remaining = self.remaining[keep_groups]
+        return self
+
+    def exact_rows(self, n: int) -> torch.Tensor:
+        return self.exact.repeat_interleave(n)
+
+
+@dataclass
+class Drafts:
+    tokens: torch.Tensor  # [rows, k]
+    log_q: torch.Tensor  # [rows, k]
+    probs: list[torch.Tensor]  # exact rows only: q at each depth, k x [exact rows, V]
+    fed: int  # positions the draft was fed this round
+
+
+@dataclass
+class Verified:
+    target_lp: torch.Tensor  # [rows, fed, V] processed target log-probs
+    log_p: torch.Tensor  # [rows, k] of the drafted tokens
+    fed: int  # positions the target was fed this round
+
+
+@dataclass
+class Block:
+    """The round's new tokens per live row before stops, `[rows, width]`; the first `valid`
+    of each row count (what its budget keeps, or what the exact walk committed)."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    bonus_log_z: torch.Tensor | None  # SMC-SD bonus normaliser (0 at alpha = 1); None without bonus
+    walk: verify.WalkResult | None = None  # the exact groups' accept walk
+    exact_groups: torch.Tensor | None = None  # live groups it ran for
+
+
+# --- The loop. ---
+
+
+@torch.no_grad()
+def smc_sample(
+    target: Runner,
+    draft: Runner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: SMCSettings,
+    target_log_probs: LogProbsFn | None = None,
+    draft_log_probs: LogProbsFn | None = None,
+    stop_fn: StopFn | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
+) -> SMCResult:
+    """Run SMC-SD (or its exact mode, or a mix) on a left-padded batch of prompts; see the
+    module docstring for the layout.
+
+    `target_log_probs` / `draft_log_probs` (see `LogProbsFn`) give the distributions the
+    target and the draft sample from (temperature and, for the target, its logits
+    processors); they default to temperature-only softmax. `stop_fn` adds stopping
+    criteria to the EOS ids. `stream` (batch of one prompt only) receives, as soon as they
+    are settled, the new tokens that every particle shares: resampling and the final pick
+    can no longer change them. The caller streams the rest of the returned particle.
+    """
+    settings.validate()
+    if stream is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"Streaming supports one prompt at a time; got a batch of {input_ids.shape[0]}.")
+    rules = Rules(
+        settings,
+        target_log_probs or _temperature_only(settings.temperature),
+        draft_log_probs or _temperature_only(settings.draft_temperature or settings.temperature),
+        torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=input_ids.device),
+        stop_fn,
+    )
+    population = Population(target, draft, input_ids, settings, stream)
+    start(population, rules, attention_mask)
+
+    while True:
+        # Choose the round's shape (the round planner's place): which groups end, each
+        # group's mode, then, from one host synchronisation, the round's K.
+        shape = choose_round_shape(population, settings)
+        shape.settle(shape.summary.tolist(), settings.gamma)  # host synchronisation 1 of 2
+        if shape.num_done == population.num_live_groups:
+            break
+        if shape.num_done:
+            shape = shape.only(population.drop_groups(shape.done))
+        if shape.num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
+            collapse_groups(population, shape.collapse)
+            continue  # the chosen particle may have finished: re-check which groups end
+        population.grow_token_buffer(shape.least, settings.gamma)
+        saved = population.save()
+
+        drafts = draft_block(population, rules, shape)
+        verified = verify_block(population, rules, shape, drafts)
+        block = smc_operator(population, shape, drafts, verified, settings.alpha)
+        if shape.any_exact:
+            exact_operator(population, shape, drafts, verified, block, settings)
+        advance = finish_and_weigh(population, rules, shape, drafts, verified, block)
+        commit_caches(population, shape, drafts, verified, block, saved)
+
+        # Dead populations and resampling: one host synchronisation decides both.
+        dead, needs, group_log_weights = check_populations(population, shape, settings)
+        any_dead, any_needs = torch.stack([dead.any(), needs.any()]).tolist()  # host synchronisation 2 of 2
+        if any_dead:
+            redo_dead_populations(population, dead, saved, advance, block, drafts, verified)
+        if any_needs:
+            resample_populations(population, needs, group_log_weights, settings)
+        population.stream_settled()
+
+    return final_pick(population, settings)
+
+
+# --- The phases, in the loop's order. ---
+
+
+def start(population: Population, rules: Rules, attention_mask: torch.Tensor | None) -> None:
+    """Start: prefill once per model, expand to N rows, sample x0 from the target (one x0
+    per group where the group starts exact). Sets every particle's first token, `log_z`,
+    `finished`, the clocks, `identical`, `last_token`, `draft_pending` and `stats`."""
+    p, settings, n = population, rules.settings, population.n
+    prompts, batch = p.prompts, p.batch
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompts)
+    exact_first = policy.exact_rounds(
+        settings.mode, p.rounds_run, p.agreement, settings.schedule, settings.auto_threshold
+    )
+    exact_first |= settings.greedy
+    first_logits = p.target.prefill(prompts, attention_mask, n).unsqueeze(1)
+    p.draft.prefill(prompts, attention_mask, n)
+    first_lp = p.distribution(rules.target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
+    if settings.greedy:
+        first_lp = verify.one_hot(first_lp).log()
+    first_dist, first_log_z = power_log_probs(first_lp, float(settings.alpha))
+    x0 = sample(first_dist)  # each particle draws its own x0 ...
+    shared_x0 = x0.view(batch, n)[:, :1].expand(batch, n).flatten()
+    x0 = torch.where(exact_first.repeat_interleave(n), shared_x0, x0)  # ... except where the group starts exact
+    p.identical = exact_first.clone()
+    p.log_z += first_log_z.view(batch, n)[:, 0].to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the group's
+    p.finished |= rules.stops(p, x0.unsqueeze(1))[:, 0]
+    p.tokens[:, 0] = x0
+    p.lengths[:] = 1
+    p.clock[:] = 1
+    p.stats = _Stats(batch, exact_first)
+    p.stream_settled()
+    p.last_token = x0  # x_last: the target has not seen it yet
+    p.draft_pending = x0.unsqueeze(1)
+
+
+def choose_round_shape(population: Population, settings: SMCSettings) -> RoundShape:
+    """Choose the round's shape, on the device: which live groups end (all their particles
+    finished or their budget spent) and each group's mode, fixed before this round's drafts
+    are drawn (policy.py; a dead round's redo and greedy decoding force exact). The loop
+    reads `summary` on the host and `RoundShape.settle` fixes K. Changes nothing.
+
+    This is where a round planner plugs in (docs/algorithm.md, "Planning a round"): each
+    group's mode here, the round's K in `settle`."""
+    p, n, budget = population, population.n, population.budget
+    groups = p.groups
+    done = p.finished[p.rows].view(-1, n).all(dim=1) | (p.clock[groups] >= budget)
+    exact = policy.exact_rounds(
+        settings.mode, p.rounds_run[groups], p.agreement[groups], settings.schedule, settings.auto_threshold
+    )
+    exact |= p.force_exact[groups] | settings.greedy
+    collapse = exact & ~p.identical[groups] & ~done
+    remaining = budget - p.clock[groups]
+    left = torch.where(done, -1, remaining)
+    summary = torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
+                           torch.where(done, budget, remaining).min()])
+    return RoundShape(done, exact, collapse, remaining, summary)
+
+
+def collapse_groups(population: Population, collapse: torch.Tensor) -> None:
+    """SMC-SD -> exact, per `collapse` live group: one particle drawn by its normalised
+    weights (as the final pick draws) is copied into every row (both caches, every array);
+    `log_z` takes the group's mean weight, as a resample would; the weights restart at 0;
+    the group becomes `identical`."""
+    p, n = population, population.n
+    chosen_groups = collapse.nonzero().squeeze(1)
+    group_lw = p.log_weights[p.rows].view(-1, n)[chosen_groups]
+    p.log_z[p.groups[chosen_groups]] += log_mean_weight(group_lw)
+    winner = torch.multinomial(normalized_weights(group_lw).float(), 1).squeeze(1)
+    plan = _winner_plan(_group_rows(chosen_groups, n).view(-1, n)[:, 0] + winner, n)
+    p.log_weights[p.rows[_group_rows(chosen_groups, n)]] = 0.0
+    p.copy_rows(plan)
+    p.identical[p.groups[collapse]] = True
+
+
+def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Drafts:
+    """Draft: k tokens per live row, autoregressively from the draft, recording log q (and,
+    for exact groups, q itself: `[exact rows, k, V]`, kept only until the walk). Feeds the
+    draft cache its pending tokens and k - 1 drafts."""
+    p, k = population, shape.k
+    exact_rows = shape.exact_rows(p.n)
+    drafted, draft_lq, draft_probs = [], [], []
+    logits = p.draft.extend(p.draft_pending)[:, -1:]
+    for step in range(k):
+        if step:
+            logits = p.draft.extend(drafted[-1].unsqueeze(1))
+        lq = p.distribution(rules.draft_log_probs, logits, [d.unsqueeze(1) for d in drafted])[:, 0]
+        token = sample(lq)
+        drafted.append(token)
+        draft_lq.append(gather(lq, token))
+        if shape.any_exact:
+            draft_probs.append(lq[exact_rows].exp())
+    fed = p.draft_pending.shape[1] + k - 1
+    return Drafts(torch.stack(drafted, dim=1), torch.stack(draft_lq, dim=1), draft_probs, fed)
+
+
+def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts: Drafts) -> Verified:
+    """Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows),
+    giving the processed target log-probs at every fed position. Feeds the target cache;
+    updates each group's `agreement` (policy.py) from the round's log p and log q."""
+    p, n, k = population, population.n, shape.k
+    fed = drafts.tokens if shape.with_bonus else drafts.tokens[:, : k - 1]
+    logits = p.target.extend(torch.cat([p.last_token.unsqueeze(1), fed], dim=1))
+    target_lp = p.distribution(rules.target_log_probs, logits, [fed])
+    log_p = gather(target_lp[:, :k], drafts.tokens)
+    row_remaining = shape.remaining.repeat_interleave(n)
+    active = ~p.finished[p.rows]
+    counted = active.unsqueeze(1) & (torch.arange(k, device=log_p.device) < row_remaining.unsqueeze(1))
+    observed = policy.round_agreement(log_p, drafts.log_q, counted, n)
+    p.agreement[p.groups] = policy.update_agreement(p.agreement[p.groups], observed)
+    return Verified(target_lp, log_p, fed.shape[1] + 1)
+
+
+def smc_operator(population: Population, shape: RoundShape, drafts: Drafts, verified: Verified, alpha: float) -> Block:
+    """SMC-SD operator: every particle keeps its drafts and, if the round has one, a bonus
+    drawn from the (power) target. Returns the block for every live row (exact groups
+    overwrite theirs). Changes nothing in the population."""
+    if shape.with_bonus:
+        bonus_dist, bonus_log_z = power_log_probs(verified.target_lp[:, shape.k], float(alpha))
+        bonus = sample(bonus_dist)
+        new_tokens = torch.cat([drafts.tokens, bonus.unsqueeze(1)], dim=1)
+    else:
+        new_tokens, bonus_log_z = drafts.tokens.clone(), None  # exact groups overwrite their rows
+    valid = shape.remaining.repeat_interleave(population.n).clamp(max=new_tokens.shape[1])
+    return Block(new_tokens, valid, bonus_log_z)
+
+
+def exact_operator(population: Population, shape: RoundShape, drafts: Drafts, verified: Verified,
+                   block: Block, settings: SMCSettings) -> None:
+    """Exact operator: the accept walk of every exact group (verify.accept_walk); every row
+    of such a group takes the walk's committed tokens. Changes `block` (those rows, and its
+    `walk`), nothing in the population."""
+    n, k = population.n, shape.k
+    exact_groups = shape.exact.nonzero().squeeze(1)
+    num_groups = exact_groups.shape[0]
+    rows = _group_rows(exact_groups, n)
+    target_lp = verified.target_lp[shape.exact_rows(n)]
+    vocab = target_lp.shape[-1]
+    target_probs = verify.one_hot(target_lp) if settings.greedy else target_lp.exp()
+    u_accept, u_final = verify.draw_uniforms(num_groups, k, n, device=drafts.tokens.device)
+    walk = verify.accept_walk(
+        drafts.tokens[rows].view(num_groups, n, k),
+        torch.stack(drafts.probs, dim=1).view(num_groups, n, k, vocab),
+        target_probs.view(num_groups, n, -1, vocab),
+        shape.remaining[exact_groups],
+        u_accept,
+        u_final,
+        pad=population.pad,
+    )
+    block.tokens[rows] = walk.tokens[:, : block.tokens.shape[1]].repeat_interleave(n, dim=0)
+    block.valid[rows] = walk.num_committed.repeat_interleave(n)
+    block.walk, block.exact_groups = walk, exact_groups
+
+
+def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, drafts: Drafts,
+                     verified: Verified, block: Block) -> torch.Tensor:
+    """Finish and weigh: each live row keeps its block up to its first stop (and within the
+    budget); SMC-SD rows add the log weight of what they keep. Commits the tokens
+    (`tokens`, `lengths`, `finished`, `log_weights`, `clock`), counts the round
+    (`identical`, `rounds_run`, `force_exact`, `stats`). Returns each live group's advance."""
+    p, n, k, alpha = population, population.n, shape.k, float(rules.settings.alpha)
+    width = block.tokens.shape[1]
+    position = torch.arange(width, device=block.tokens.device)
+    active = ~p.finished[p.rows]
+    is_stop = rules.stops(p, block.tokens) & (position < block.valid.unsqueeze(1))
+    stopped, kept = _first_stops(is_stop)
+    kept = torch.where(active, torch.minimum(kept, block.valid), 0)
+    keep_mask = position < kept.unsqueeze(1)
+    increments = verify.smc_increments(verified.log_p, drafts.log_q, alpha)
+    increment = torch.where(keep_mask[:, :k], increments, 0.0).sum(dim=1)
+    if shape.with_bonus:
+        increment = increment + torch.where(keep_mask[:, k], block.bonus_log_z.to(WEIGHT_DTYPE), 0.0)
+    advance = block.valid.view(p.num_live_groups, n)[:, 0]
+    increment = torch.where(shape.exact_rows(n), 0.0, increment)
+    p.commit_tokens(block.tokens, keep_mask, kept, stopped, active, increment, advance)
+    p.stats.round(p.groups, shape.exact, advance, block.walk.num_accepted if shape.any_exact else None)
+    p.identical[p.groups] = shape.exact
+    p.rounds_run[p.groups] += 1
+    p.force_exact[p.groups[shape.exact]] = False  # a redo, if one was due, has run
+    return advance
+
+
+def commit_caches(population: Population, shape: RoundShape, drafts: Drafts, verified: Verified,
+                  block: Block, saved: _Saved) -> None:
+    """Commit caches: SMC-SD rows keep everything they were fed; exact groups take the
+    winner's rows, then both caches roll back to what the committed tokens justify
+    (docs/algorithm.md, Exact mode, step 5). Sets `last_token` and `draft_pending`."""
+    p, k = population, shape.k
+    if shape.with_bonus:
+        p.last_token, p.draft_pending = block.tokens[:, k], block.tokens[:, k - 1 : k + 1]  # [d_k, b]
+    else:  # every SMC-SD group spends its budget in this round; exact groups are set below
+        p.last_token, p.draft_pending = block.tokens[:, -1], block.tokens[:, -1:].expand(-1, 2)
+    if shape.any_exact:
+        _commit_exact(p, block.walk, block.exact_groups, k, verified.fed, drafts.fed, saved.last_token)
+
+
+def check_populations(population: Population, shape: RoundShape, settings: SMCSettings):
+    """Per live group, on the device: whether its SMC-SD round left it no weight (`dead`),
+    and whether it needs resampling (ESS below tau * N, not after its last round); also its
+    log weights `[groups, N]`. Records the ESS in `stats`."""
+    p, n = population, population.n
+    group_lw = p.log_weights[p.rows].view(-1, n)
+    dead = torch.isneginf(group_lw).all(dim=1) & ~shape.exact
+    ess = effective_sample_size(group_lw)
+    p.stats.ess.append((p.groups, ess))
+    all_finished = p.finished[p.rows].view(-1, n).all(dim=1)
+    spent = p.clock[p.groups] >= p.budget  # resampling after the last round only adds variance to the pick
+    needs = (ess < settings.resample_threshold * n) & ~shape.exact & ~dead & ~all_finished & ~spent
+    return dead, needs, group_lw
+
+
+def redo_dead_populations(population: Population, dead: torch.Tensor, saved: _Saved, advance: torch.Tensor,
+                          block: Block, drafts: Drafts, verified: Verified) -> None:
+    """Redo dead populations: an SMC-SD round that left a group no weight is discarded
+    (`Population.roll_back`) and its group's next round runs exact (`force_exact`; its fresh
+    draws do not depend on that decision)."""
+    p = population
+    p.roll_back(dead, saved, advance, block.tokens.shape[1], verified.fed, drafts.fed)
+    p.force_exact[p.groups[dead]] = True
+    p.stats.redo(p.groups[dead])
+
+
+def resample_populations(population: Population, needs: torch.Tensor, group_lw: torch.Tensor,
+                         settings: SMCSettings) -> None:
+    """Resample: per live group that `needs` it, draw N ancestors by the normalised weights
+    and copy rows (both caches, every array); `log_z` takes the group's mean weight, the
+    weights restart at 0, `stats` counts the event."""
+    p, n = population, population.n
+    chosen_groups = needs.nonzero().squeeze(1)
+    chosen_lw = group_lw[chosen_groups]
+    p.log_z[p.groups[chosen_groups]] += log_mean_weight(chosen_lw)
+    ancestors = resample(normalized_weights(chosen_lw), settings.resample_method)
+    local = _group_rows(chosen_groups, n)
+    p.copy_rows(copy_plan(ancestors).offset(local))  # in live-row coordinates
+    p.log_weights[p.rows[local]] = 0.0
+    p.stats.num_resamples[p.groups[chosen_groups]] += 1
+
+
+def final_pick(population: Population, settings: SMCSettings) -> SMCResult:
+    """End: log Z takes the final mean weight; `num_return_sequences` particles per prompt
+    are drawn by final weight. Changes `log_z`; returns the result."""
+    p, n, batch = population, population.n, population.batch
+    longest = int(p.lengths.max())
+    final_lw = p.log_weights.view(batch, n)
+    p.log_z += log_mean_weight(final_lw)
+    # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
+    chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
+    return p.stats.result(
+        tokens=p.tokens[:, :longest].reshape(batch, n, longest),
+        lengths=p.lengths.view(batch, n),
+        log_weights=final_lw,
+        log_z=p.log_z,
+        chosen=chosen,
+    )
+
+
+# --- Helpers. ---
+
+
+def _commit_exact(population: Population, walk: verify.WalkResult, exact_groups: torch.Tensor, k: int,
+                  target_fed: int, draft_fed: int, x_last: torch.Tensor) -> None:
+    """Exact groups after their walk: every row becomes the winner (a copy of only the
+    positions fed this round: before the round the rows were identical), then both caches
+    roll back to what the committed tokens justify (docs/algorithm.md, Exact mode, step 5).
+    Sets the exact rows' `last_token` and `draft_pending`; `x_last` is the round's."""
+    p, n, rows = population, population.n, population.rows
+    ex_rows = _group_rows(exact_groups, n)
+    accepted = walk.num_accepted.repeat_interleave(n)
+    plan = _winner_plan(ex_rows.view(-1, n)[:, 0] + walk.winner, n)
+    for runner, tail in ((p.target, target_fed), (p.draft, draft_fed)):
+        runner.reorder(CopyPlan(dest=plan.dest, src=plan.src, tail=tail))
+    # The target keeps [x_last, d_1 .. d_a]; the committed token after them is the next x_last.
+    target_drop = torch.zeros_like(rows)
+    # (A full accept in a round without a bonus fed only [x_last, d_1 .. d_(k-1)]: nothing to drop.)
+    target_drop[ex_rows] = (target_fed - 1 - accepted).clamp(min=0)
+    p.target.rollback(target_drop)
+    # The draft keeps up to d_(a-1) and next sees [d_a, c] (d_0 = x_last), so that every row's
+    # pending is 2 wide; after a full accept it already holds d_(k-1) and sees [d_k, bonus].
+    draft_drop = torch.zeros_like(rows)
+    draft_drop[ex_rows] = torch.where(accepted < k, k - accepted, 0)
+    p.draft.rollback(draft_drop)
+    committed = walk.tokens.repeat_interleave(n, dim=0)
+    last = committed.gather(1, (walk.num_committed.repeat_interleave(n) - 1).unsqueeze(1)).squeeze(1)
+    before = committed.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(accepted > 0, before, x_last[ex_rows])
+    p.last_token = p.last_token.clone()
+    p.last_token[ex_rows] = last
+    draft_pending = p.draft_pending.clone()
+    full_accept = (accepted == k).unsqueeze(1)
+    draft_pending[ex_rows] = torch.where(full_accept, draft_pending[ex_rows], torch.stack([before, last], dim=1))
+    p.draft_pending = draft_pending
+
+
 def _first_stops(is_stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: whether a stop occurs among the new tokens, and how many tokens to keep (up
     to and including the first stop; all of them if none)."""
@@ -178,378 +824,12 @@ def _group_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
     return (groups.unsqueeze(1) * n + torch.arange(n, device=groups.device)).flatten()
 
 
-@torch.no_grad()
-def smc_sample(
-    target: Runner,
-    draft: Runner,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: SMCSettings,
-    target_log_probs: LogProbsFn | None = None,
-    draft_log_probs: LogProbsFn | None = None,
-    stop_fn: StopFn | None = None,
-    stream: Callable[[torch.Tensor], None] | None = None,
-) -> SMCResult:
-    """Run SMC-SD (or its exact mode, or a mix) on a left-padded batch of prompts; see the
-    module docstring for the layout.
-
-    `target_log_probs` / `draft_log_probs` (see `LogProbsFn`) give the distributions the
-    target and the draft sample from (temperature and, for the target, its logits
-    processors); they default to temperature-only softmax. `stop_fn` adds stopping
-    criteria to the EOS ids. `stream` (batch of one prompt only) receives, as soon as they
-    are settled, the new tokens that every particle shares: resampling and the final pick
-    can no longer change them. The caller streams the rest of the returned particle.
-    """
-    settings.validate()
-    n, gamma, alpha = settings.particles, settings.gamma, float(settings.alpha)
-    budget = settings.max_new_tokens
-    pad = settings.pad_token_id
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    target_log_probs = target_log_probs or _temperature_only(settings.temperature)
-    draft_log_probs = draft_log_probs or _temperature_only(settings.draft_temperature or settings.temperature)
-    stop_ids = torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=device)
-
-    batch = input_ids.shape[0]
-    if stream is not None and batch != 1:
-        raise ValueError(f"Streaming supports one prompt at a time; got a batch of {batch}.")
-    total = batch * n
-    # Every particle's new tokens. It grows as the clocks advance (a huge max_new_tokens does
-    # not allocate up front) and keeps room for one round past the furthest clock, so writes
-    # at any group's clock never need clamping.
-    tokens = torch.full((total, min(budget, _INITIAL_TOKENS) + gamma + 1), pad, dtype=torch.long, device=device)
-    lengths = torch.zeros(total, dtype=torch.long, device=device)
-    finished = torch.zeros(total, dtype=torch.bool, device=device)
-    log_weights = torch.zeros(total, dtype=WEIGHT_DTYPE, device=device)
-    clock = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated per group
-    log_z = torch.zeros(batch, dtype=WEIGHT_DTYPE, device=device)
-
-    rows = torch.arange(total, device=device)  # live row -> row of the full arrays
-    groups = torch.arange(batch, device=device)  # live group -> prompt index
-
-    # --- Sequences for processors and stopping criteria that read them. ---
-    def history(index: torch.Tensor | None, new: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Padded prompt, tokens so far and `new` tokens of the live rows `index` (all rows
-        if None), which must share one clock."""
-        full = rows if index is None else rows[index]
-        start = int(clock[full[0] // n])
-        pieces = [input_ids[full // n], tokens[full, :start]]
-        pieces += [x if index is None else x[index] for x in new]
-        return torch.cat(pieces, dim=1)
-
-    def by_clock(reads_history: bool, compute: Callable) -> torch.Tensor:
-        """`compute(index, history_fn)` for the live rows, one call per distinct group clock
-        (rows of different lengths cannot share one sequence tensor)."""
-        if not reads_history:
-            return compute(None)
-        row_clock = clock[rows // n]
-        values = torch.unique(row_clock)
-        if values.numel() == 1:
-            return compute(None)
-        out = None
-        for value in values.tolist():
-            index = (row_clock == value).nonzero().squeeze(1)
-            part = compute(index)
-            if out is None:
-                out = part.new_empty((rows.shape[0],) + part.shape[1:])
-            out[index] = part
-        return out
-
-    def history_fn(index: torch.Tensor | None, new: Sequence[torch.Tensor]) -> History:
-        fn = lambda: history(index, new)  # noqa: E731
-        fn.prompts = (rows if index is None else rows[index]) // n  # for processors with per-prompt state
-        return fn
-
-    def distribution(fn: LogProbsFn, logits: torch.Tensor, new: Sequence[torch.Tensor]) -> torch.Tensor:
-        return by_clock(
-            getattr(fn, "reads_history", True),
-            lambda index: fn(logits if index is None else logits[index], history_fn(index, new)),
-        )
-
-    def stops(new_tokens: torch.Tensor) -> torch.Tensor:
-        is_stop = torch.isin(new_tokens, stop_ids)
-        if stop_fn is not None:
-            width = new_tokens.shape[1]
-            is_stop |= by_clock(True, lambda index: stop_fn(history(index, [new_tokens]), width))
-        return is_stop
-
-    def copy_particles(plan: CopyPlan, last_token, draft_pending):
-        """Apply row copies (live rows) to both caches and every particle's state; returns
-        the copied `last_token` and `draft_pending`."""
-        for runner in (target, draft):
-            runner.reorder(plan)
-        full = plan.offset(rows)  # in full-array coordinates
-        for state in (tokens, lengths, finished):
-            state[full.dest] = state[full.src]
-        return _copy_rows(last_token, plan), _copy_rows(draft_pending, plan)
-
-    streamed = 0
-
-    def stream_settled() -> None:
-        nonlocal streamed
-        if stream is not None:
-            shared = _shared_prefix(tokens[:, :budget], lengths)
-            if shared > streamed:
-                stream(tokens[0, streamed:shared])
-                streamed = shared
-
-    # --- Start: prefill once per model, expand to N rows, sample x0 from the target. ---
-    rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
-    agreement = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
-    exact_first = policy.exact_rounds(settings.mode, rounds_run, agreement, settings.schedule, settings.auto_threshold)
-    exact_first |= settings.greedy
-    first_logits = target.prefill(input_ids, attention_mask, n).unsqueeze(1)
-    draft.prefill(input_ids, attention_mask, n)
-    first_lp = distribution(target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
-    if settings.greedy:
-        first_lp = verify.one_hot(first_lp).log()
-    first_dist, first_log_z = power_log_probs(first_lp, alpha)
-    x0 = sample(first_dist)  # each particle draws its own x0 ...
-    shared_x0 = x0.view(batch, n)[:, :1].expand(batch, n).flatten()
-    x0 = torch.where(exact_first.repeat_interleave(n), shared_x0, x0)  # ... except where the group starts exact
-    identical = exact_first.clone()  # groups whose particles all hold the same tokens
-    log_z += first_log_z.view(batch, n)[:, 0].to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the group's
-    finished |= stops(x0.unsqueeze(1))[:, 0]
-    tokens[:, 0] = x0
-    lengths[:] = 1
-    clock[:] = 1
-    stats = _Stats(batch, exact_first)
-    stream_settled()
-
-    last_token = x0  # x_last: the target has not seen it yet
-    draft_pending = x0.unsqueeze(1)  # tokens the draft has not seen yet: [x0], then 2 (1 after a redo); one width for all rows
-    force_exact = torch.zeros(batch, dtype=torch.bool, device=device)  # redo of a dead SMC-SD round
-
-    while True:
-        # One host synchronisation decides the round's shape: which groups end (all their
-        # particles finished or their budget spent), whether any group switches SMC-SD ->
-        # exact, whether any runs exact, and the budgets left (K of the round, buffer size).
-        group_done = finished[rows].view(-1, n).all(dim=1) | (clock[groups] >= budget)
-        exact = policy.exact_rounds(
-            settings.mode, rounds_run[groups], agreement[groups], settings.schedule, settings.auto_threshold
-        )
-        exact |= force_exact[groups] | settings.greedy  # fixed before this round's drafts are drawn
-        collapse = exact & ~identical[groups] & ~group_done
-        remaining = budget - clock[groups]
-        left = torch.where(group_done, -1, remaining)
-        flags = torch.stack([group_done.sum(), collapse.sum(), (exact & ~group_done).sum(), left.max(),
-                             torch.where(group_done, budget, remaining).min()]).tolist()
-        num_done, num_collapse, num_exact, most, least = flags
-        if num_done:
-            if num_done == groups.shape[0]:
-                break
-            keep_groups = (~group_done).nonzero().squeeze(1)
-            keep = _group_rows(keep_groups, n)
-            for runner in (target, draft):
-                runner.keep(keep)
-            rows, groups = rows[keep], groups[keep_groups]
-            last_token, draft_pending = last_token[keep], draft_pending[keep]
-            exact, collapse, remaining = exact[keep_groups], collapse[keep_groups], remaining[keep_groups]
-        live = groups.shape[0]
-
-        if num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
-            plan = _collapse(log_weights, rows, groups, collapse, n, log_z)
-            last_token, draft_pending = copy_particles(plan, last_token, draft_pending)
-            identical[groups[collapse]] = True
-            continue  # the chosen particle may have finished: re-check which groups end
-        exact_rows = exact.repeat_interleave(n)
-        if budget - least + gamma + 1 > tokens.shape[1]:
-            grown = max(budget - least, min(budget, 2 * (tokens.shape[1] - gamma - 1))) + gamma + 1
-            tokens = torch.cat([tokens, tokens.new_full((total, grown - tokens.shape[1]), pad)], dim=1)
-        k = min(gamma, most)  # the last rounds draft only what some budget can keep
-        with_bonus = most > k
-        saved = _Saved(log_weights[rows].clone(), lengths[rows].clone(), finished[rows].clone(), last_token,
-                       draft_pending, identical[groups].clone())
-
-        # --- Draft: k tokens per particle, autoregressively, recording log q (and, for exact
-        # groups, q itself: [exact rows, k, V], kept only until the walk below). ---
-        drafted, draft_lq, draft_probs = [], [], []
-        any_exact = num_exact > 0
-        logits = draft.extend(draft_pending)[:, -1:]
-        for step in range(k):
-            if step:
-                logits = draft.extend(drafted[-1].unsqueeze(1))
-            lq = distribution(draft_log_probs, logits, [d.unsqueeze(1) for d in drafted])[:, 0]
-            token = sample(lq)
-            drafted.append(token)
-            draft_lq.append(gather(lq, token))
-            if any_exact:
-                draft_probs.append(lq[exact_rows].exp())
-        drafted_t = torch.stack(drafted, dim=1)  # [rows, k]
-        log_q = torch.stack(draft_lq, dim=1)
-        draft_fed = draft_pending.shape[1] + k - 1
-
-        # --- Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows). ---
-        fed = drafted_t if with_bonus else drafted_t[:, : k - 1]
-        target_fed = fed.shape[1] + 1
-        target_lp = distribution(target_log_probs, target.extend(torch.cat([last_token.unsqueeze(1), fed], dim=1)), [fed])
-        log_p = gather(target_lp[:, :k], drafted_t)
-        row_remaining = remaining.repeat_interleave(n)
-        active = ~finished[rows]
-        counted = active.unsqueeze(1) & (torch.arange(k, device=device) < row_remaining.unsqueeze(1))
-        observed = policy.round_agreement(log_p, log_q, counted, n)
-        agreement[groups] = policy.update_agreement(agreement[groups], observed)
-
-        # --- SMC-SD operator: every particle keeps its drafts and a bonus, weighted. ---
-        if with_bonus:
-            bonus_dist, bonus_log_z = power_log_probs(target_lp[:, k], alpha)
-            bonus = sample(bonus_dist)
-            new_tokens = torch.cat([drafted_t, bonus.unsqueeze(1)], dim=1)
-        else:
-            new_tokens = drafted_t.clone()  # exact groups overwrite their rows below
-        width = new_tokens.shape[1]
-        valid = row_remaining.clamp(max=width)
-
-        # --- Exact operator: the accept walk per exact group; its rows take the winner's tokens. ---
-        if any_exact:
-            walk, exact_groups = _exact_walk(
-                exact, drafted_t, draft_probs, target_lp[exact_rows], remaining, n, k, settings.greedy, pad
-            )
-            ex_rows = _group_rows(exact_groups, n)
-            new_tokens[ex_rows] = walk.tokens[:, :width].repeat_interleave(n, dim=0)
-            valid[ex_rows] = walk.num_committed.repeat_interleave(n)
-
-        # --- Finish and weigh: count only the tokens a particle keeps. ---
-        position = torch.arange(width, device=device)
-        is_stop = stops(new_tokens) & (position < valid.unsqueeze(1))
-        stopped, kept = _first_stops(is_stop)
-        kept = torch.where(active, torch.minimum(kept, valid), 0)
-        keep_mask = position < kept.unsqueeze(1)
-        increments = verify.smc_increments(log_p, log_q, alpha)
-        increment = torch.where(keep_mask[:, :k], increments, 0.0).sum(dim=1)
-        if with_bonus:
-            increment = increment + torch.where(keep_mask[:, k], bonus_log_z.to(WEIGHT_DTYPE), 0.0)
-        log_weights[rows] += torch.where(exact_rows, 0.0, increment)
-        columns = clock[rows // n].unsqueeze(1) + position
-        written = tokens[rows.unsqueeze(1), columns]
-        tokens[rows.unsqueeze(1), columns] = torch.where(keep_mask, new_tokens, written)
-        lengths[rows] += kept
-        finished[rows] |= active & stopped
-        advance = valid.view(live, n)[:, 0]
-        clock[groups] += advance
-        stats.round(groups, exact, advance, walk.num_accepted if any_exact else None)
-
-        # --- Caches: SMC-SD rows keep everything; exact rows take the winner's tail, then roll
-        # back to what the committed tokens justify. ---
-        if with_bonus:
-            last_token, draft_pending = new_tokens[:, k], new_tokens[:, k - 1 : k + 1]  # [d_k, b]
-        else:  # every SMC-SD group spends its budget in this round; exact groups are set below
-            last_token, draft_pending = new_tokens[:, -1], new_tokens[:, -1:].expand(-1, 2)
-        if any_exact:
-            last_token, draft_pending = _commit_exact(
-                target, draft, walk, exact_groups, n, k, target_fed, draft_fed, rows, saved.last_token,
-                last_token, draft_pending,
-            )
-        identical[groups] = exact
-        rounds_run[groups] += 1
-
-        # --- Dead populations: an SMC-SD round that left a group no weight is discarded and
-        # redone in exact mode (its fresh draws do not depend on that decision). Resample:
-        # per SMC-SD group, when the ESS falls below tau * N. (One synchronisation for both.)
-        group_lw = log_weights[rows].view(-1, n)
-        dead = torch.isneginf(group_lw).all(dim=1) & ~exact
-        ess = effective_sample_size(group_lw)
-        stats.ess.append((groups, ess))
-        all_finished = finished[rows].view(-1, n).all(dim=1)
-        spent = clock[groups] >= budget  # resampling after the last round only adds variance to the pick
-        needs = (ess < settings.resample_threshold * n) & ~exact & ~dead & ~all_finished & ~spent
-        any_dead, any_needs = torch.stack([dead.any(), needs.any()]).tolist()
-        if any_dead:
-            dead_rows = dead.repeat_interleave(n)
-            full = rows[dead_rows]
-            target.rollback(torch.where(dead_rows, target_fed, 0))
-            draft.rollback(torch.where(dead_rows, draft_fed, 0))
-            draft_pending = _restore_pending(draft, dead_rows, saved.draft_pending, draft_pending)
-            columns = clock[full // n].unsqueeze(1) - advance.repeat_interleave(n)[dead_rows].unsqueeze(1) + position
-            tokens[full.unsqueeze(1), columns] = pad
-            clock[groups[dead]] -= advance[dead]
-            log_weights[full] = saved.log_weights[dead_rows]
-            lengths[full], finished[full] = saved.lengths[dead_rows], saved.finished[dead_rows]
-            last_token = torch.where(dead_rows, saved.last_token, last_token)
-            identical[groups[dead]] = saved.identical[dead]
-            force_exact[groups[dead]] = True
-            rounds_run[groups[dead]] -= 1
-            stats.redo(groups[dead])
-        force_exact[groups[exact]] = False
-        if any_needs:
-            chosen_groups = needs.nonzero().squeeze(1)
-            chosen_lw = group_lw[chosen_groups]
-            log_z[groups[chosen_groups]] += log_mean_weight(chosen_lw)
-            ancestors = resample(normalized_weights(chosen_lw), settings.resample_method)
-            local = _group_rows(chosen_groups, n)
-            plan = copy_plan(ancestors).offset(local)  # in live-row coordinates
-            last_token, draft_pending = copy_particles(plan, last_token, draft_pending)
-            log_weights[rows[local]] = 0.0
-            stats.num_resamples[groups[chosen_groups]] += 1
-        stream_settled()
-
-    # --- End: log Z and one particle per prompt, drawn by final weight. ---
-    longest = int(lengths.max())
-    final_lw = log_weights.view(batch, n)
-    log_z += log_mean_weight(final_lw)
-    # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
-    chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
-    return stats.result(
-        tokens=tokens[:, :longest].reshape(batch, n, longest),
-        lengths=lengths.view(batch, n),
-        log_weights=final_lw,
-        log_z=log_z,
-        chosen=chosen,
-    )
-
-
-@dataclass
-class _Saved:
-    """The live rows' state before a round, to discard the round if its population dies."""
-
-    log_weights: torch.Tensor
-    lengths: torch.Tensor
-    finished: torch.Tensor
-    last_token: torch.Tensor
-    draft_pending: torch.Tensor
-    identical: torch.Tensor  # per live group
-
-
-def _collapse(log_weights, rows, groups, collapse, n, log_z) -> CopyPlan:
-    """SMC-SD -> exact: per collapsing group, one particle drawn by its normalised weights
-    (as the final pick draws) is copied into every row; log Z takes the group's mean weight,
-    as a resample would, and the weights restart at 0. Returns the row copies (live rows)."""
-    chosen_groups = collapse.nonzero().squeeze(1)
-    group_lw = log_weights[rows].view(-1, n)[chosen_groups]
-    log_z[groups[chosen_groups]] += log_mean_weight(group_lw)
-    winner = torch.multinomial(normalized_weights(group_lw).float(), 1).squeeze(1)
-    plan = _winner_plan(_group_rows(chosen_groups, n).view(-1, n)[:, 0] + winner, n)
-    log_weights[rows[_group_rows(chosen_groups, n)]] = 0.0
-    return plan
-
-
 def _winner_plan(winners: torch.Tensor, n: int) -> CopyPlan:
     """Copies that make every row of each winner's group a copy of the winner (live rows)."""
     group_rows = _group_rows(winners // n, n).view(-1, n)
     dest_mask = group_rows != winners.unsqueeze(1)
     src = winners.unsqueeze(1).expand(-1, n)
     return CopyPlan(dest=group_rows[dest_mask], src=src[dest_mask])
-
-
-def _exact_walk(exact, drafted, draft_probs, target_lp, remaining, n, k, greedy, pad):
-    """The accept walk of every exact group this round (see verify.accept_walk)."""
-    exact_groups = exact.nonzero().squeeze(1)
-    groups = exact_groups.shape[0]
-    rows = _group_rows(exact_groups, n)
-    vocab = target_lp.shape[-1]
-    target_probs = verify.one_hot(target_lp) if greedy else target_lp.exp()
-    u_accept, u_final = verify.draw_uniforms(groups, k, n, device=drafted.device)
-    walk = verify.accept_walk(
-        drafted[rows].view(groups, n, k),
-        torch.stack(draft_probs, dim=1).view(groups, n, k, vocab),
-        target_probs.view(groups, n, -1, vocab),
-        remaining[exact_groups],
-        u_accept,
-        u_final,
-        pad=pad,
-    )
-    return walk, exact_groups
 
 
 def _restore_pending(draft, dead_rows, saved_pending, pending):
@@ -566,38 +846,6 @@ def _restore_pending(draft, dead_rows, saved_pending, pending):
     draft.extend(torch.where(dead_rows, saved_pending[:, 0], pending[:, 0]).unsqueeze(1))
     draft.rollback(dead_rows.long())
     return torch.where(dead_rows, saved_pending[:, 0], pending[:, -1]).unsqueeze(1)
-
-
-def _commit_exact(target, draft, walk, exact_groups, n, k, target_fed, draft_fed, rows, x_last, last_token, draft_pending):
-    """Exact groups after their walk: every row becomes the winner (a copy of only the
-    positions fed this round: before the round the rows were identical), then both caches
-    roll back to what the committed tokens justify (docs/algorithm.md, Exact mode, step 5).
-    Returns the next `last_token` and `draft_pending` of all live rows."""
-    ex_rows = _group_rows(exact_groups, n)
-    accepted = walk.num_accepted.repeat_interleave(n)
-    plan = _winner_plan(ex_rows.view(-1, n)[:, 0] + walk.winner, n)
-    for runner, tail in ((target, target_fed), (draft, draft_fed)):
-        runner.reorder(CopyPlan(dest=plan.dest, src=plan.src, tail=tail))
-    # The target keeps [x_last, d_1 .. d_a]; the committed token after them is the next x_last.
-    target_drop = torch.zeros_like(rows)
-    # (A full accept in a round without a bonus fed only [x_last, d_1 .. d_(k-1)]: nothing to drop.)
-    target_drop[ex_rows] = (target_fed - 1 - accepted).clamp(min=0)
-    target.rollback(target_drop)
-    # The draft keeps up to d_(a-1) and next sees [d_a, c] (d_0 = x_last), so that every row's
-    # pending is 2 wide; after a full accept it already holds d_(k-1) and sees [d_k, bonus].
-    draft_drop = torch.zeros_like(rows)
-    draft_drop[ex_rows] = torch.where(accepted < k, k - accepted, 0)
-    draft.rollback(draft_drop)
-    committed = walk.tokens.repeat_interleave(n, dim=0)
-    last = committed.gather(1, (walk.num_committed.repeat_interleave(n) - 1).unsqueeze(1)).squeeze(1)
-    before = committed.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    before = torch.where(accepted > 0, before, x_last[ex_rows])
-    last_token = last_token.clone()
-    last_token[ex_rows] = last
-    draft_pending = draft_pending.clone()
-    full_accept = (accepted == k).unsqueeze(1)
-    draft_pending[ex_rows] = torch.where(full_accept, draft_pending[ex_rows], torch.stack([before, last], dim=1))
-    return last_token, draft_pending
 
 
 class _Stats:
