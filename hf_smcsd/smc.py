@@ -59,6 +59,24 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+TARGET, DRAFT = 0, 1  # indices of `Population.invalid`
+_MODEL_NAMES = ("target model (generate()'s model)", "draft model (assistant_model)")
+
+
+class InvalidDistributionError(ValueError):
+    """A model's logits gave no probability distribution (NaN)."""
+
+
+def check_distributions(invalid: Sequence[bool]) -> None:
+    """Raise InvalidDistributionError naming the model(s) whose distributions held a NaN
+    (`invalid`: host copies of `Population.invalid`)."""
+    bad = [name for name, flag in zip(_MODEL_NAMES, invalid) if flag]
+    if bad:
+        raise InvalidDistributionError(
+            f"The {' and the '.join(bad)} gave NaN probabilities: its logits hold NaN or infinite values (a float16 "
+            "overflow is the usual cause: load it in bfloat16 or float32, and check its weights), or logits "
+            "processors removed every token. SMC-SD stops rather than return tokens drawn from no distribution."
+        )
 _INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)
 
 
@@ -196,8 +214,16 @@ class Population:
         self.identical = torch.zeros(batch, dtype=torch.bool, device=device)
         self.force_exact = torch.zeros(batch, dtype=torch.bool, device=device)
         self.last_token = self.draft_pending = None  # set by `start`
+        # Whether the target's / the draft's distributions held a NaN since the start (NaN or
+        # infinite logits, or processors that removed every token). Kept on the device and
+        # read with the round's two synchronisations: checking costs none of its own.
+        self.invalid = torch.zeros(2, dtype=torch.bool, device=device)
         self.stats: _Stats | None = None
         self.stream, self.streamed = stream, 0
+
+    def note_distribution(self, model: int, log_probs: torch.Tensor) -> None:
+        """Record whether `log_probs` of `model` (TARGET or DRAFT) hold a NaN (no sync)."""
+        self.invalid[model] |= torch.isnan(log_probs).any()
 
     @property
     def batch(self) -> int:
@@ -384,11 +410,12 @@ class RoundShape:
     least: int = 0  # fewest tokens any live group has left
     k: int = 0  # draft tokens per row this round
     with_bonus: bool = True  # whether a bonus token follows the k drafts
+    invalid: list = field(default_factory=list)  # host copy of `Population.invalid`
 
     def settle(self, summary: list, gamma: int) -> None:
         """Take the host's copy of `summary`, and fix the round's K: the last rounds draft
         only what some budget can keep, and skip the bonus where no budget reaches it."""
-        self.num_done, self.num_collapse, num_exact, most, self.least = summary
+        self.num_done, self.num_collapse, num_exact, most, self.least, *self.invalid = summary
         self.any_exact = num_exact > 0
         self.k = min(gamma, most)
         self.with_bonus = most > self.k
@@ -473,6 +500,7 @@ def smc_sample(
         # group's mode, then, from one host synchronisation, the round's K.
         shape = choose_round_shape(population, settings)
         shape.settle(shape.summary.tolist(), settings.gamma)  # host synchronisation 1 of 2
+        check_distributions(shape.invalid)  # NaN from the last round (or the start): stop, before the pick
         if shape.num_done == population.num_live_groups:
             break
         if shape.num_done:
@@ -493,7 +521,9 @@ def smc_sample(
 
         # Dead populations and resampling: one host synchronisation decides both.
         dead, needs, group_log_weights = check_populations(population, shape, settings)
-        any_dead, any_needs = torch.stack([dead.any(), needs.any()]).tolist()  # host synchronisation 2 of 2
+        any_dead, any_needs, *invalid = torch.cat(  # host synchronisation 2 of 2
+            [torch.stack([dead.any(), needs.any()]), population.invalid]).tolist()
+        check_distributions(invalid)  # before NaN weights reach the redo or the resampling
         if any_dead:
             redo_dead_populations(population, dead, saved, advance, block, drafts, verified)
         if any_needs:
@@ -521,6 +551,7 @@ def start(population: Population, rules: Rules, attention_mask: torch.Tensor | N
     first_logits = p.target.prefill(prompts, attention_mask, n).unsqueeze(1)
     p.draft.prefill(prompts, attention_mask, n)
     first_lp = p.distribution(rules.target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
+    p.note_distribution(TARGET, first_lp)
     if settings.greedy:
         first_lp = verify.one_hot(first_lp).log()
     first_dist, first_log_z = power_log_probs(first_lp, float(settings.alpha))
@@ -557,8 +588,8 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     collapse = exact & ~p.identical[groups] & ~done
     remaining = budget - p.clock[groups]
     left = torch.where(done, -1, remaining)
-    summary = torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
-                           torch.where(done, budget, remaining).min()])
+    summary = torch.cat([torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
+                                      torch.where(done, budget, remaining).min()]), p.invalid.long()])
     return RoundShape(done, exact, collapse, remaining, summary)
 
 
@@ -590,6 +621,7 @@ def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Draf
         if step:
             logits = p.draft.extend(drafted[-1].unsqueeze(1))
         lq = p.distribution(rules.draft_log_probs, logits, [d.unsqueeze(1) for d in drafted])[:, 0]
+        p.note_distribution(DRAFT, lq)
         token = sample(lq)
         drafted.append(token)
         draft_lq.append(gather(lq, token))
@@ -607,6 +639,7 @@ def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts
     fed = drafts.tokens if shape.with_bonus else drafts.tokens[:, : k - 1]
     logits = p.target.extend(torch.cat([p.last_token.unsqueeze(1), fed], dim=1))
     target_lp = p.distribution(rules.target_log_probs, logits, [fed])
+    p.note_distribution(TARGET, target_lp)
     log_p = gather(target_lp[:, :k], drafts.tokens)
     row_remaining = shape.remaining.repeat_interleave(n)
     active = ~p.finished[p.rows]

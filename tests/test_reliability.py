@@ -1,5 +1,7 @@
 """Issue 19: breaks and weak spots found by an adversarial round, each with its guard."""
 
+import re
+
 import pytest
 import torch
 
@@ -210,3 +212,27 @@ def test_a_huge_gamma_is_sized_by_what_can_be_drafted(pair, monkeypatch):
                                           max_new_tokens=8, cache_implementation="static"))
     assert torch.equal(outs[0], outs[1])
     assert lengths == [2 + 8 + 2 * 9] * 4  # the static runners' buffers: the same as at K=8
+
+
+# --- Item 3: NaN logits. ---
+
+
+@pytest.mark.parametrize("poisoned", ["target", "draft"])
+@pytest.mark.parametrize("kwargs", [dict(smc_mode="smc"), dict(smc_mode="exact"), dict(smc_mode="mixed"),
+                                    dict(smc_mode="auto"), dict(do_sample=False), dict(max_new_tokens=1)],
+                         ids=["smc", "exact", "mixed", "auto", "greedy", "one-token"])
+def test_nan_logits_raise_an_error_naming_the_model(poisoned, kwargs):
+    """Before: exact, mixed and auto returned the last vocabulary id repeated."""
+    from hf_smcsd.smc import InvalidDistributionError
+    from hf_smcsd.tiny import tiny_llama
+
+    target = tiny_llama(vocab_size=40, hidden_size=48, num_layers=2, seed=0)
+    draft = tiny_llama(vocab_size=40, hidden_size=32, num_layers=1, seed=1)
+    model = target if poisoned == "target" else draft
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    if poisoned == "draft" and "max_new_tokens" in kwargs:
+        pytest.skip("one new token is the target's alone: the draft never runs")
+    named = "target model (generate()'s model)" if poisoned == "target" else "draft model (assistant_model)"
+    torch.manual_seed(0)
+    with pytest.raises(InvalidDistributionError, match=re.escape(f"The {named} gave NaN probabilities")):
+        hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6], [7, 8]]), **{"max_new_tokens": 6, **kwargs})
