@@ -28,7 +28,7 @@ from .weights import log_probs
 SMC_KNOBS: dict[str, Any] = {
     "smc_particles": None,  # None: not SMC-SD (the patched generate() is the stock one)
     "smc_gamma": 4,
-    "smc_draft_temperature": None,  # None: the target's temperature
+    "smc_draft_temperature": None,  # None: the target's temperature, at least smc.MIN_DRAFT_TEMPERATURE
     "smc_resample_threshold": 0.5,
     "smc_resample_method": "systematic",
     "smc_alpha": 1.0,
@@ -422,7 +422,7 @@ def _smc_decode(
             if isinstance(m, torch.nn.Module):
                 compat.check_rollback_fits(m, longest, name)
     _check_memory(model, smc_draft, input_ids, settings, smc_knobs, smc_vocab)
-    draft_temperature = settings.draft_temperature or temperature
+    draft_temperature = settings.proposal_temperature
     draft_log_probs = (
         processed_log_probs(_draft_processors(logits_processor, draft_temperature), prompt_stride=num_return)
         if smc_knobs["smc_draft_processors"]

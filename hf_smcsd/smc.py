@@ -59,6 +59,11 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+# The draft proposes at the target's temperature, but never below this (the reference
+# engine proposes at 0.7 whatever the target's). A sharper proposal stops covering the
+# target: near temperature 0 every particle would propose the draft's argmax, and where it
+# is not the target's no N recovers (issue 19; build_scripts/draft_temperature_sweep.py).
+MIN_DRAFT_TEMPERATURE = 0.7
 TARGET, DRAFT = 0, 1  # indices of `Population.invalid`
 _MODEL_NAMES = ("target model (generate()'s model)", "draft model (assistant_model)")
 
@@ -88,7 +93,7 @@ class SMCSettings:
     gamma: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0
-    draft_temperature: float | None = None  # None: same as `temperature`
+    draft_temperature: float | None = None  # None: `temperature`, at least MIN_DRAFT_TEMPERATURE
     resample_threshold: float = 0.5
     resample_method: str = "systematic"
     alpha: float = 1.0
@@ -103,6 +108,14 @@ class SMCSettings:
     def __post_init__(self):
         self.validate()
 
+    @property
+    def proposal_temperature(self) -> float:
+        """The temperature the draft proposes at: `draft_temperature`, or else the target's
+        temperature but at least MIN_DRAFT_TEMPERATURE, so the proposal keeps covering it."""
+        if self.draft_temperature is not None:
+            return self.draft_temperature
+        return max(self.temperature or 1.0, MIN_DRAFT_TEMPERATURE)
+
     def validate(self) -> None:
         def bad(name, value, fix):
             raise ValueError(f"Invalid {name}={value!r}: {fix}")
@@ -116,7 +129,8 @@ class SMCSettings:
         if not self.greedy and (not self.temperature or self.temperature <= 0):
             bad("temperature", self.temperature, "SMC-SD samples; use a temperature > 0.")
         if self.draft_temperature is not None and not self.draft_temperature > 0:
-            bad("smc_draft_temperature", self.draft_temperature, "use a temperature > 0, or None for the target's.")
+            bad("smc_draft_temperature", self.draft_temperature,
+                f"use a temperature > 0, or None for the target's (at least {MIN_DRAFT_TEMPERATURE}).")
         if not 0.0 <= float(self.resample_threshold) <= 1.0:
             bad(
                 "smc_resample_threshold",
@@ -488,7 +502,7 @@ def smc_sample(
     rules = Rules(
         settings,
         target_log_probs or _temperature_only(settings.temperature),
-        draft_log_probs or _temperature_only(settings.draft_temperature or settings.temperature),
+        draft_log_probs or _temperature_only(settings.proposal_temperature),
         torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=input_ids.device),
         stop_fn,
     )

@@ -20,6 +20,7 @@ import torch
 from . import compat
 from .policy import MODES
 from .resampling import RESAMPLING_METHODS
+from .smc import MIN_DRAFT_TEMPERATURE
 
 
 class _Bad(Exception):
@@ -126,7 +127,7 @@ def optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
 KNOB_KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "smc_particles": (optional(positive_int), "N particles per prompt (8 is a good start; None turns SMC-SD off)"),
     "smc_gamma": (positive_int, "K draft tokens per round (4 to 8 is typical)"),
-    "smc_draft_temperature": (optional(positive_float), "the draft's temperature (None: the target's)"),
+    "smc_draft_temperature": (optional(positive_float), f"the draft's temperature (None: the target's, at least {MIN_DRAFT_TEMPERATURE})"),
     "smc_resample_threshold": (fraction, "resample when ESS < threshold * N (0 never, 1 every round)"),
     "smc_resample_method": (choice(*RESAMPLING_METHODS), "how ancestors are drawn"),
     "smc_alpha": (positive_float, "the power of the target (1.0 samples the target itself)"),

@@ -236,3 +236,44 @@ def test_nan_logits_raise_an_error_naming_the_model(poisoned, kwargs):
     torch.manual_seed(0)
     with pytest.raises(InvalidDistributionError, match=re.escape(f"The {named} gave NaN probabilities")):
         hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6], [7, 8]]), **{"max_new_tokens": 6, **kwargs})
+
+
+# --- Item 1: low target temperatures. ---
+
+
+def test_near_temperature_zero_smc_sd_returns_the_targets_greedy_output(pair):
+    """At temperature 1e-8 the processed target is a point mass: every token but its argmax
+    has probability 0 in float32, so a drafted token that is not the argmax is outside the
+    target's support (weight 0), and a round where every particle drafted one is redone
+    exact. Every row must then equal the target's greedy output (ties within 1e-8 aside, none
+    here). Before: the weights were tiny but finite (log w about -1e8), no round died, and
+    0 of 20 rows did."""
+    target, draft = pair
+    ids = torch.randint(4, 40, (20, 3), generator=torch.Generator().manual_seed(0))
+    common = dict(max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    greedy = target.generate(ids, do_sample=False, **common)
+    for draft_temperature in (None, 1e-8):  # the default, and the draft as sharp as the target
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, draft, ids, smc_particles=4, smc_gamma=2, temperature=1e-8, top_k=0,
+                                    smc_draft_temperature=draft_temperature, return_dict_in_generate=True, **common)
+        assert torch.equal(out.sequences, greedy)
+        assert int(out.num_dead_redos.sum()) > 0  # the draft's random argmax is rarely the target's
+
+
+def test_the_draft_proposes_at_no_less_than_0_7_by_default(pair):
+    from hf_smcsd.smc import MIN_DRAFT_TEMPERATURE, SMCSettings
+
+    assert MIN_DRAFT_TEMPERATURE == 0.7
+    assert SMCSettings(temperature=0.1).proposal_temperature == 0.7
+    assert SMCSettings(temperature=1.3).proposal_temperature == 1.3
+    assert SMCSettings(temperature=0.1, draft_temperature=0.2).proposal_temperature == 0.2
+    target, draft = pair
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+
+    def particles(**kwargs):
+        torch.manual_seed(0)
+        return hf_smcsd.smc_generate(target, draft, ids, smc_particles=4, max_new_tokens=9, temperature=0.2,
+                                     top_k=0, return_dict_in_generate=True, **kwargs).particle_sequences
+
+    assert torch.equal(particles(), particles(smc_draft_temperature=0.7))
+    assert not torch.equal(particles(), particles(smc_draft_temperature=0.2))
