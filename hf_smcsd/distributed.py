@@ -146,6 +146,12 @@ def tp_mesh(model):
     return None
 
 
+def tp_size(model) -> int:
+    """How many ranks `model` is sharded over (1: not tensor-parallel)."""
+    mesh = tp_mesh(model)
+    return 1 if mesh is None else int(mesh.mesh.numel())
+
+
 def _mesh_ranks(mesh) -> list[int]:
     return [int(rank) for rank in mesh.mesh.flatten().tolist()]
 

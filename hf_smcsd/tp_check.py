@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -207,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.models:
         parser.error("pass --make DIR or --models DIR")
-    os.environ.setdefault("HF_SMCSD_MEMORY_CHECK", "0")  # the estimate counts whole heads, not a rank's shard
     return run(args)
 
 

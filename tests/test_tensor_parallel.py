@@ -27,8 +27,7 @@ TIMEOUT_S = 240  # a normal run takes about 40 s on a busy 2-core machine
 
 
 def run_two_ranks(models: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "HF_SMCSD_MEMORY_CHECK": "0"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "hf_smcsd.tp_check", "--models", str(models), "--out", str(out)]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -159,3 +158,11 @@ def test_single_process_models_are_not_wrapped(pair):
     runner = EagerRunner(pair[0])
     assert distributed.tp_mesh(pair[0]) is None and distributed.lockstep(pair[0], runner) is runner
     assert distributed.prepare(pair[0], pair[1]) is None
+
+
+def test_memory_estimate_counts_one_ranks_heads(pair, monkeypatch):
+    from hf_smcsd.memory import kv_bytes_per_row
+
+    whole = kv_bytes_per_row(pair[0], 100)
+    monkeypatch.setattr(distributed, "tp_mesh", lambda model: mesh([0, 1]))
+    assert kv_bytes_per_row(pair[0], 100) * 2 == whole
