@@ -29,8 +29,8 @@ import torch
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 CASES = (  # name, generate() arguments
-    ("smc sample, eager", dict(do_sample=True)),
-    ("smc sample, static", dict(do_sample=True, cache_implementation="static")),
+    ("smc sample, eager", dict(do_sample=True, smc_resample_threshold=0.9)),
+    ("smc sample, static", dict(do_sample=True, smc_resample_threshold=0.9, cache_implementation="static")),
     ("exact, eager", dict(do_sample=True, smc_mode="exact")),
     ("exact, static", dict(do_sample=True, smc_mode="exact", cache_implementation="static")),
     ("greedy, eager", dict(do_sample=False)),
@@ -64,7 +64,11 @@ def _generate(target, draft, knobs: dict, seed: int, device, max_new_tokens: int
     out = target.generate(ids, attention_mask=mask, assistant_model=draft, smc_particles=4, smc_gamma=3,
                           max_new_tokens=max_new_tokens, pad_token_id=0, return_dict_in_generate=True,
                           **sampling, **knobs)
-    return {"sequences": out.sequences.cpu().tolist(), "log_weights": out.log_weights.cpu().double().tolist()}
+    accepted = [sum(map(int, per_prompt)) for per_prompt in (out.accepted_draft_tokens or [])]
+    return {"sequences": out.sequences.cpu().tolist(), "log_weights": out.log_weights.cpu().double().tolist(),
+            # what the caches went through: resamples (reorders) and exact rounds (rollbacks)
+            "resamples": int(out.num_resamples.sum()), "exact_rounds": int(out.num_exact_rounds.sum()),
+            "accepted_draft_tokens": accepted}
 
 
 def run(args) -> int:
@@ -113,13 +117,17 @@ def run(args) -> int:
             finite = torch.isfinite(weights) & torch.isfinite(single_weights)
             diff = float((weights - single_weights)[finite].abs().max()) if bool(finite.any()) else 0.0
             ok = ok and same_ranks and same_single
+            first = gathered[0][index]["sharded"]
             print(f"{'PASS' if same_ranks and same_single else 'FAIL'}  {name}: ranks identical: {same_ranks}; "
-                  f"= single process: {same_single}; max |log weight diff| {diff:.1e}")
+                  f"= single process: {same_single}; max |log weight diff| {diff:.1e}; {first['resamples']} resamples, "
+                  f"{first['exact_rounds']} exact rounds, accepted draft tokens {first['accepted_draft_tokens']}")
             for r, t in enumerate(tokens):
                 print(f"      rank {r}: {t}")
             print(f"      single: {single}")
             report["cases"].append({"case": name, "ranks_identical": same_ranks, "equals_single_process": same_single,
-                                    "max_log_weight_diff": diff, "tokens_per_rank": tokens, "single_process": single})
+                                    "max_log_weight_diff": diff, "tokens_per_rank": tokens, "single_process": single,
+                                    "resamples": first["resamples"], "exact_rounds": first["exact_rounds"],
+                                    "accepted_draft_tokens": first["accepted_draft_tokens"]})
         if caught is not None:
             ok = ok and caught
             print(f"{'PASS' if caught else 'FAIL'}  lockstep guard: rank 1 given a different draft; the run stopped with "

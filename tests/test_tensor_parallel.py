@@ -57,6 +57,13 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
         assert first == case["single_process"], case["case"]  # exact: same seed, same tokens
         assert case["max_log_weight_diff"] < 1e-3, case["case"]  # float sums differ in order only
     assert report["divergence_caught"] is True
+    # The caches went through what they must keep in lockstep: reorders (resamples) in the
+    # SMC-SD cases, rollbacks (exact rounds accepting fewer than the 3 drafted tokens) in the others.
+    cases = {case["case"]: case for case in report["cases"]}
+    assert all(cases[f"smc sample, {runner}"]["resamples"] > 0 for runner in ("eager", "static"))
+    for name in ("exact", "greedy"):
+        case = cases[f"{name}, eager"]
+        assert case["exact_rounds"] > 0 and sum(case["accepted_draft_tokens"]) < 3 * case["exact_rounds"]
 
 
 # ------------------------------------------------------------------ errors, in one process
