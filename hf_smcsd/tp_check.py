@@ -39,7 +39,7 @@ CASES = (  # name, generate() arguments
 
 
 def make_models(root: Path, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int) -> None:
-    from .tiny import tiny_llama, truncated_copy
+    from .testing.tiny_models import tiny_llama, truncated_copy
 
     target = tiny_llama(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                         num_kv_heads=kv_heads, initializer_range=0.3, seed=0)

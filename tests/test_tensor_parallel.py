@@ -107,7 +107,7 @@ def test_heads_must_split_over_the_ranks(heads, kv_heads, world, message):
 def test_load_tp_model_checks_before_loading(monkeypatch, tmp_path):
     """A 4-head model and 3 ranks: refused from the config, before any weight is read or any
     process group is started."""
-    from hf_smcsd.tiny import tiny_llama
+    from hf_smcsd.testing.tiny_models import tiny_llama
 
     tiny_llama(num_heads=4, num_kv_heads=2).save_pretrained(tmp_path)
     monkeypatch.setenv("RANK", "0")
