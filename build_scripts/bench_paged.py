@@ -27,7 +27,7 @@ from hf_smcsd.resampling import CopyPlan
 from hf_smcsd.runners.eager import EagerRunner
 from hf_smcsd.runners.paged import PagedRunner
 from hf_smcsd.smc import SMCSettings, smc_sample
-from hf_smcsd.tiny import tiny_llama, truncated_copy
+from hf_smcsd.testing.tiny_models import tiny_llama, truncated_copy
 
 
 def half_die_plan(n: int) -> CopyPlan:

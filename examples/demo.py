@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import hf_smcsd
-from hf_smcsd.tiny import tiny_llama, truncated_copy
+from hf_smcsd.testing.tiny_models import tiny_llama, truncated_copy
 
 TRAINED_PAIR = Path(__file__).resolve().parent / "models"
 VOCAB_SIZE = 512

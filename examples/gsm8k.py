@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from hf_smcsd.bench import common
-from hf_smcsd.bench.bench import left_pad
 from hf_smcsd.bench.fidelity import engine_settings, sample_outputs
 
 INSTRUCTION = ("Solve the following math problem step by step. End your answer with a line of the form "
@@ -104,7 +103,7 @@ def run_method(method, target, draft, tokenizer, prompts, golds, *, particles=No
     per_call = 1 if method == "assisted" else batch_size
     correct, new_tokens, seconds = 0, 0, 0.0
     for start in range(0, len(prompts), per_call):
-        ids, mask = left_pad(prompts[start : start + per_call], tokenizer.pad_token_id)
+        ids, mask = common.left_pad(prompts[start : start + per_call], tokenizer.pad_token_id)
         common.synchronize(device)
         begin = time.perf_counter()
         tokens = sample_outputs(method, target, draft, ids.to(device), mask.to(device), particles=particles,

@@ -7,7 +7,7 @@ sharing the target's tokenizer, input_ids = tokenizer(prompt, return_tensors="pt
 import torch
 
 import hf_smcsd
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 target = tiny_llama(hidden_size=64, num_layers=2, seed=0, initializer_range=0.3)
 draft = tiny_llama(hidden_size=32, num_layers=1, seed=1, initializer_range=0.3)

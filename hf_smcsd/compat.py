@@ -23,10 +23,13 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 import transformers
 from packaging.version import Version
+
+from .families import REJECTED
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
@@ -37,11 +40,32 @@ _RENAMED_CACHE = TRANSFORMERS_VERSION >= Version("5.24.0.dev0")
 CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
 
+# forward function -> the cache argument's name. Keyed on the function, not the model: a bound
+# method's `__func__` is the class's forward, shared by every instance (and every deepcopy) of a
+# class, while a forward replaced on one instance (accelerate's hooks, a user's wrapper) is its
+# own key. Weak keys, so a dropped wrapper does not stay alive here.
+_CACHE_KWARG_BY_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def cache_kwarg(model) -> str:
     """The name the installed forward takes its KV cache under: `cache` (transformers >= 5.24)
     or `past_key_values`. Read from the signature, so remote-code models that still use the
-    old name keep working."""
-    parameters = inspect.signature(model.forward).parameters
+    old name keep working. The signature is read once per forward function: `inspect.signature`
+    on every forward call cost about 3% of an exact-mode run."""
+    forward = model.forward
+    key = getattr(forward, "__func__", forward)
+    try:
+        return _CACHE_KWARG_BY_FORWARD[key]
+    except KeyError:
+        pass
+    except TypeError:  # a forward that cannot be weakly referenced: read it every time
+        return _cache_kwarg_of(forward)
+    name = _CACHE_KWARG_BY_FORWARD[key] = _cache_kwarg_of(forward)
+    return name
+
+
+def _cache_kwarg_of(forward) -> str:
+    parameters = inspect.signature(forward).parameters
     if "cache" in parameters:
         return "cache"
     if "past_key_values" in parameters:
@@ -158,7 +182,7 @@ _OTHER_SUPPORTED_LAYERS = ("DynamicIndexedLayer", "DummyLayer")
 _STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "recurrent")
 
 _FIX = (
-    "Use an attention-only model (see the supported families in hf_smcsd.zoo.SUPPORTED and the README), "
+    "Use an attention-only model (see the supported families in hf_smcsd.families.SUPPORTED and the README), "
     "or generate without smc_particles."
 )
 
@@ -190,9 +214,8 @@ def check_supported_model(model) -> None:
     (Mamba / state-space layers, linear attention, RG-LRU, short convolutions; hybrids that
     mix them with attention) keep it in caches whose rows the runner cannot copy, so they
     are refused: transformers flags most of them `_is_stateful`, the rest are listed in
-    `hf_smcsd.zoo.REJECTED` or recognised by their `layer_types`.
+    `hf_smcsd.families.REJECTED` or recognised by their `layer_types`.
     """
-    from .zoo import REJECTED  # zoo imports nothing from here at module level
 
     config = getattr(model, "config", None)
     model_type = _model_type(model)

@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat, memory, policy, validation
+from . import compat, distributed, memory, policy, validation
 from .runners.eager import EagerRunner
 from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
@@ -432,6 +432,7 @@ def _smc_decode(
         if input_ids.shape[0] != 1:
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
+    distributed.prepare(model, smc_draft)  # tensor parallel: same generator state on every rank
     runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
                           max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
     # The loop points per-row processor state at its particle rows; the scores pass below (one
@@ -548,7 +549,7 @@ def make_runner(model, vocab_size: int | None = None, static: bool = False, comp
         runner = EagerRunner(model)
     if vocab_size is not None and vocab_size < runner.vocab_size:
         runner = SharedVocabulary(runner, vocab_size)
-    return runner
+    return distributed.lockstep(model, runner)  # tensor parallel: every call checked across ranks
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):

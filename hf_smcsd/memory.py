@@ -94,7 +94,10 @@ def kv_bytes_per_row(model, positions: int) -> int:
         min(positions, int(window)) if window and kind == "sliding_attention" else positions
         for kind in (layer_types if len(layer_types) == layers else ["full_attention"] * layers)
     ]
-    return 2 * _kv_heads(config) * int(head_dim) * _dtype_bytes(model) * sum(held)
+    from .distributed import tp_size
+
+    # A tensor-parallel model's cache holds this rank's heads only.
+    return 2 * _kv_heads(config) * int(head_dim) * _dtype_bytes(model) * sum(held) // tp_size(model)
 
 
 def estimate(target, draft, prompts: int, prompt_length: int, particles: int, max_new_tokens: int, gamma: int,

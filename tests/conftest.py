@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_smcsd.tiny import tiny_llama
+from transformers import LogitsProcessorList
+
+import hf_smcsd
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
+from hf_smcsd.testing.tiny_models import perturbed_copy, tiny_llama
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead and nondeterminism
 
@@ -119,15 +123,17 @@ def load_train_pair():
 
 
 # --- Exactness by enumeration (test_exactness, test_generate_surface, test_exact_mode). ---
+# A 6-token vocabulary and 4 new tokens: every output can be scored; 10,000 samples per check.
 
 ENUM_EOS = 0  # a likely token of the enumerable model, so stops happen inside blocks
+ENUM_PROMPT = [1, 2, 3]
+ENUM_NEW = 4
+ENUM_SAMPLES = 10_000
 
 
 def enumerable_pair(draft_noise: float):
     """A 6-token target (outputs of a few tokens can be enumerated exactly) and a draft that
     is its copy with noise `draft_noise` on the weights (0.5: wrong by a fair margin, 1.0: poor)."""
-    from hf_smcsd.tiny import perturbed_copy, tiny_llama
-
     target = tiny_llama(vocab_size=6, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                         seed=0, initializer_range=0.5, eos_token_id=ENUM_EOS)
     return target, perturbed_copy(target, noise=draft_noise, seed=1)
@@ -135,10 +141,36 @@ def enumerable_pair(draft_noise: float):
 
 def noise_bound(exact, samples):
     """The TV a perfect sampler stays below with `samples` draws: mean + 5 sd of its noise floor."""
-    from hf_smcsd.fidelity import sampling_noise_tv
-
     floor = sampling_noise_tv(exact, samples)
     return float(floor.mean() + 5 * floor.std())
+
+
+def new_outputs(sequences, prompt_length):
+    """Each row's new tokens as a tuple, cut after its first ENUM_EOS: the enumeration's keys."""
+    return [tuple(row[: row.index(ENUM_EOS) + 1]) if ENUM_EOS in row else tuple(row)
+            for row in sequences[:, prompt_length:].tolist()]
+
+
+def sampled_distribution(target, draft, prompt=ENUM_PROMPT, samples=ENUM_SAMPLES, seed=0, **generate_kwargs):
+    """The empirical output distribution of `samples` independent SMC-SD generations (one
+    batch, seeded, sampling, ENUM_NEW new tokens) of `prompt`."""
+    ids = torch.tensor([prompt] * samples)
+    torch.manual_seed(seed)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                max_new_tokens=ENUM_NEW, **generate_kwargs)
+    return empirical_distribution(new_outputs(out, len(prompt)))
+
+
+def processed_target(target, processors):
+    """The exact output distribution of the target under `processors` and its noise bound at
+    ENUM_SAMPLES, after checking that the processors change the distribution measurably (else
+    a sampler that ignored them would pass)."""
+    exact = exact_distribution(target, ENUM_PROMPT, ENUM_NEW, eos_token_ids=(ENUM_EOS,),
+                               logits_processor=LogitsProcessorList(processors))
+    plain = exact_distribution(target, ENUM_PROMPT, ENUM_NEW, eos_token_ids=(ENUM_EOS,))
+    noise = noise_bound(exact, ENUM_SAMPLES)
+    assert total_variation(exact, plain) > 3 * noise, "the processors must change the distribution measurably"
+    return exact, noise
 
 
 def processor_cases():

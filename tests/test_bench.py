@@ -16,7 +16,7 @@ import torch
 
 import hf_smcsd
 from hf_smcsd.bench import bench, common, data, fidelity
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 from conftest import full_log_probs, left_pad, load_train_pair
 

@@ -2,8 +2,10 @@
 installed transformers uses, a cache passed to generate() is refused under either name, and
 the suite's guard against this library's deprecation warnings catches what it should."""
 
+import copy
 import inspect
 import sys
+import weakref
 
 import pytest
 import torch
@@ -21,6 +23,68 @@ def test_cache_kwarg_is_the_one_the_forward_declares(pair):
     assert name in inspect.signature(target.forward).parameters
     if compat.TRANSFORMERS_VERSION.release >= (5, 24):
         assert name == "cache"  # the old name warns until 5.40, then is gone
+
+
+def _counting_signatures(monkeypatch):
+    """Count the `inspect.signature` calls compat makes (transformers makes its own)."""
+    calls = []
+    original = inspect.signature
+
+    def signature(obj, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == compat.__file__:
+            calls.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", signature)
+    monkeypatch.setattr(compat, "_CACHE_KWARG_BY_FORWARD", weakref.WeakKeyDictionary(), raising=False)  # empty
+    return calls
+
+
+def test_cache_kwarg_reads_the_signature_once_per_forward(pair, monkeypatch):
+    """Not once per forward call: a generate() of many rounds reads it once for the class's
+    forward (target and draft are both Llamas), and a deepcopy shares its class's answer."""
+    calls = _counting_signatures(monkeypatch)
+    target, draft = pair
+    forwards = []
+    handle = target.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        hf_smcsd.smc_generate(target, draft, torch.tensor([[1, 2, 3]]), do_sample=True, max_new_tokens=12,
+                              smc_particles=2, smc_gamma=2, smc_mode="exact")
+    finally:
+        handle.remove()
+    assert len(forwards) >= 4
+    assert len(calls) == 1
+    assert compat.cache_kwarg(copy.deepcopy(draft)) == compat.cache_kwarg(target)
+    assert len(calls) == 1
+
+
+def test_cache_kwarg_of_a_wrapped_forward_is_its_own(pair, monkeypatch):
+    """A forward replaced on one instance (remote code or a hook that still takes the old
+    name) is looked up on its own, once, without changing the answer for its class."""
+    calls = _counting_signatures(monkeypatch)
+    target, _ = pair
+    wrapped = copy.deepcopy(target)
+    original_forward = wrapped.forward
+
+    def old_style_forward(input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
+        return original_forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                                **{compat.cache_kwarg(target): past_key_values})
+
+    wrapped.forward = old_style_forward
+    class_name = compat.cache_kwarg(target)
+    for _ in range(3):
+        assert compat.cache_kwarg(wrapped) == "past_key_values"
+        assert compat.cache_kwarg(target) == class_name
+    assert len(calls) == 2
+    # Its deepcopy carries a copy of the wrapper: a new function, looked up again, same answer.
+    assert compat.cache_kwarg(copy.deepcopy(wrapped)) == "past_key_values"
+
+    def any_forward(**kwargs):
+        return original_forward(**kwargs)
+
+    wrapped.forward = any_forward  # forward(**kwargs): the installed version's name
+    assert compat.cache_kwarg(wrapped) == ("cache" if compat.TRANSFORMERS_VERSION.release >= (5, 24) else
+                                           "past_key_values")
 
 
 def test_output_cache_reads_the_returned_cache(pair):

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_smcsd
-from hf_smcsd import compat, zoo
+from hf_smcsd import compat
+from hf_smcsd.testing import zoo
 from hf_smcsd.resampling import CopyPlan
 from hf_smcsd.runners import EagerRunner
 

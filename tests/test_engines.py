@@ -24,7 +24,7 @@ from hf_smcsd.engines.manifest import (
     require_fits,
     write_manifest,
 )
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT_B = ["--target", "/models/Llama-3.1-8B-Instruct", "--draft", "/models/Llama-3.2-1B-Instruct", "--tp-size", "2",

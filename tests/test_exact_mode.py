@@ -14,13 +14,13 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
-from hf_smcsd.tiny import perturbed_copy, tiny_llama
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.tiny_models import perturbed_copy, tiny_llama
 
-from conftest import enumerable_pair, left_pad, noise_bound, processor_cases
+from conftest import (ENUM_EOS, ENUM_NEW, ENUM_PROMPT, ENUM_SAMPLES, enumerable_pair, left_pad, new_outputs,
+                      noise_bound, processed_target, processor_cases, sampled_distribution)
 
-EOS, NEW, SAMPLES = 0, 4, 10_000
-PROMPT = [1, 2, 3]
+EOS, NEW, SAMPLES, PROMPT = ENUM_EOS, ENUM_NEW, ENUM_SAMPLES, ENUM_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +28,8 @@ def enumerable():
     return enumerable_pair(draft_noise=1.0)  # a poor draft
 
 
-def outputs(target, draft, seed=0, samples=SAMPLES, prompt=PROMPT, **kwargs):
-    ids = torch.tensor([prompt] * samples)
-    torch.manual_seed(seed)
-    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                temperature=1.0, max_new_tokens=NEW, **kwargs)
-    result = []
-    for row in out[:, len(prompt):].tolist():
-        result.append(tuple(row[: row.index(EOS) + 1]) if EOS in row else tuple(row))
-    return empirical_distribution(result)
+def outputs(target, draft, **kwargs):
+    return sampled_distribution(target, draft, temperature=1.0, **kwargs)
 
 
 @pytest.mark.parametrize("particles, gamma", [(1, 1), (1, 3), (4, 2), (8, 3), (3, 5)])
@@ -62,10 +55,7 @@ def test_the_draft_is_really_poor(enumerable):
 @processor_cases()
 def test_exact_mode_matches_the_processed_target(enumerable, generate_kwargs, processors):
     target, draft = enumerable
-    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
-    plain = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
-    noise = noise_bound(exact, SAMPLES)
-    assert total_variation(exact, plain) > 3 * noise
+    exact, noise = processed_target(target, processors)
     tv = total_variation(exact, outputs(target, draft, smc_particles=4, smc_gamma=2, smc_mode="exact", **generate_kwargs))
     assert tv <= noise, (generate_kwargs, tv, noise)
 
@@ -119,8 +109,7 @@ def test_batch_with_different_acceptance_lengths_gives_each_prompt_its_own_distr
         processors = [MinNewTokensLengthLogitsProcessor(len(p), 2, EOS)]
         processors += [RepetitionPenaltyLogitsProcessor(1.5)] if penalty else []
         exact = exact_distribution(target, p, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
-        rows = out.sequences[i * per_prompt:(i + 1) * per_prompt, width:].tolist()
-        got = empirical_distribution([tuple(r[: r.index(EOS) + 1]) if EOS in r else tuple(r) for r in rows])
+        got = empirical_distribution(new_outputs(out.sequences[i * per_prompt:(i + 1) * per_prompt], width))
         assert total_variation(exact, got) <= noise_bound(exact, per_prompt), i
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
 
-from conftest import enumerable_pair, noise_bound
+from conftest import (ENUM_EOS, ENUM_NEW, ENUM_PROMPT, ENUM_SAMPLES, enumerable_pair, new_outputs, noise_bound,
+                      sampled_distribution)
 
-EOS, NEW, SAMPLES = 0, 4, 10_000
-PROMPT = [1, 2, 3]
+EOS, NEW, SAMPLES, PROMPT = ENUM_EOS, ENUM_NEW, ENUM_SAMPLES, ENUM_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,10 @@ def enumerable():
     return target, draft, exact, noise_bound(exact, SAMPLES)
 
 
-def outputs(sequences, prompt_length):
-    result = []
-    for row in sequences[:, prompt_length:].tolist():
-        result.append(tuple(row[: row.index(EOS) + 1]) if EOS in row else tuple(row))
-    return result
-
-
-def smc_tv(target, draft, exact, particles, gamma, prompt=PROMPT, seed=0, **kwargs):
-    ids = torch.tensor([prompt] * SAMPLES)  # SAMPLES independent runs in one batch
-    torch.manual_seed(seed)
-    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), smc_particles=particles,
-                                smc_gamma=gamma, do_sample=True, temperature=1.0, max_new_tokens=NEW, **kwargs)
-    return total_variation(exact, empirical_distribution(outputs(out, len(prompt))))
+def smc_tv(target, draft, exact, particles, gamma, **kwargs):
+    """TV to `exact` of SAMPLES independent SMC-SD runs (one batch)."""
+    return total_variation(exact, sampled_distribution(target, draft, smc_particles=particles, smc_gamma=gamma,
+                                                       temperature=1.0, **kwargs))
 
 
 def test_exact_distribution_is_normalised(enumerable):
@@ -93,12 +84,12 @@ def test_batch_of_prompts_behaves_like_each_alone(enumerable):
     for i, p in enumerate(prompts):
         exact = exact_distribution(target, p, NEW, eos_token_ids=(EOS,))
         noise = noise_bound(exact, per_prompt)
-        batched = total_variation(exact, empirical_distribution(outputs(out[i * per_prompt:(i + 1) * per_prompt], width)))
+        batched = total_variation(exact, empirical_distribution(new_outputs(out[i * per_prompt:(i + 1) * per_prompt], width)))
         alone_ids = torch.tensor([p] * per_prompt)
         torch.manual_seed(1)
         alone_out = hf_smcsd.smc_generate(target, draft, alone_ids, attention_mask=torch.ones_like(alone_ids),
                                           smc_particles=4, smc_gamma=1, do_sample=True, temperature=1.0,
                                           max_new_tokens=NEW)
-        alone = total_variation(exact, empirical_distribution(outputs(alone_out, len(p))))
+        alone = total_variation(exact, empirical_distribution(new_outputs(alone_out, len(p))))
         # Both estimate the same bias; their difference is sampling noise of two runs.
         assert abs(batched - alone) < noise, (i, batched, alone, noise)

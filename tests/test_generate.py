@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import hf_smcsd
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 from conftest import full_log_probs, left_pad
 

@@ -16,13 +16,13 @@ from transformers import (
 )
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, total_variation
+from hf_smcsd.testing.enumeration import exact_distribution, total_variation
 from hf_smcsd.smc import SMCSettings, smc_sample
 
-from conftest import enumerable_pair, full_log_probs, left_pad, noise_bound, processor_cases
+from conftest import (ENUM_EOS, ENUM_NEW, ENUM_PROMPT, ENUM_SAMPLES, enumerable_pair, full_log_probs, left_pad,
+                      noise_bound, processed_target, processor_cases, sampled_distribution)
 
-EOS, NEW, SAMPLES = 0, 4, 10_000
-PROMPT = [1, 2, 3]
+EOS, NEW, SAMPLES, PROMPT = ENUM_EOS, ENUM_NEW, ENUM_SAMPLES, ENUM_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +30,15 @@ def enumerable():
     return enumerable_pair(draft_noise=0.5)
 
 
-def smc_outputs(target, draft, particles, seed=0, **kwargs):
-    ids = torch.tensor([PROMPT] * SAMPLES)
-    torch.manual_seed(seed)
-    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), smc_particles=particles,
-                                do_sample=True, max_new_tokens=NEW, **kwargs)
-    result = []
-    for row in out[:, len(PROMPT):].tolist():
-        result.append(tuple(row[: row.index(EOS) + 1]) if EOS in row else tuple(row))
-    return empirical_distribution(result)
+def smc_outputs(target, draft, particles, **kwargs):
+    return sampled_distribution(target, draft, smc_particles=particles, **kwargs)
 
 
 @processor_cases()
 def test_processed_target_is_approached_as_particles_grow(enumerable, generate_kwargs, processors):
     """The processed target (as transformers' sampling defines it) is what SMC-SD converges to."""
     target, draft = enumerable
-    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
-    plain = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
-    noise = noise_bound(exact, SAMPLES)
-    assert total_variation(exact, plain) > 3 * noise, "the processor must change the distribution measurably"
+    exact, noise = processed_target(target, processors)
     # N=2, not N=1: at N=1 every draft the truncation rules out kills the population, and its
     # round is redone exactly, which hides much of the SMC-SD bias the comparison is about.
     tvs = {n: total_variation(exact, smc_outputs(target, draft, n, smc_gamma=1, **generate_kwargs)) for n in (2, 16)}

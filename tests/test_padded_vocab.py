@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models
 from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 
 import hf_smcsd
-from hf_smcsd.fidelity import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, sampling_noise_tv, total_variation
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 EOS, NEW, SAMPLES, SHARED = 0, 3, 6_000, 6
 PROMPT = [1, 2, 3]

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_smcsd
-from hf_smcsd.tiny import tiny_llama
+from hf_smcsd.testing.tiny_models import tiny_llama
 
 IDS = torch.tensor([[1, 2, 3]])
 SMC = dict(smc_particles=3, do_sample=True, max_new_tokens=8, return_dict_in_generate=True)

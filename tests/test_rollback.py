@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from hf_smcsd import compat, zoo
+from hf_smcsd import compat
+from hf_smcsd.testing import zoo
 from hf_smcsd.resampling import CopyPlan
 from hf_smcsd.runners import EagerRunner
 
@@ -88,7 +89,7 @@ def run_random_script(runner, model, seed, steps=6, compact_every_round=False):
     check_rows(runner, model, history, generator)
 
 
-@pytest.mark.parametrize("name", list(zoo.SUPPORTED))
+@pytest.mark.parametrize("name", list(zoo.SUPPORTED_CONFIGS))
 def test_rollback_extend_reorder_keep_equal_recompute(name):
     model = _model(name)
     run_random_script(EagerRunner(model), model, seed=0)

@@ -15,7 +15,7 @@ import transformers
 from torch._dynamo.utils import counters
 
 import hf_smcsd
-from hf_smcsd import zoo
+from hf_smcsd.testing import zoo
 from hf_smcsd.resampling import copy_plan, resample
 from hf_smcsd.runners.eager import EagerRunner
 from hf_smcsd.runners.static import StaticRunner, length_bucket

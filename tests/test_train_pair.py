@@ -222,7 +222,7 @@ def test_a_draft_for_an_existing_target_shares_its_tokenizer_and_leaves_it_alone
 
 
 def test_acceptance_rate_is_one_for_a_model_against_itself_and_lower_for_another(train_pair):
-    from hf_smcsd.tiny import tiny_llama
+    from hf_smcsd.testing.tiny_models import tiny_llama
 
     a = tiny_llama(vocab_size=32, hidden_size=16, num_layers=1, seed=0, initializer_range=0.5)
     b = tiny_llama(vocab_size=32, hidden_size=16, num_layers=1, seed=1, initializer_range=0.5)

@@ -1,5 +1,6 @@
-"""The model zoo: the eager runner's correctness checks and an end-to-end SMC-SD run on a
-tiny seeded config of every supported family, and a clear error for the rejected ones.
+"""The model zoo (`hf_smcsd.testing.zoo`): the eager runner's correctness checks and an
+end-to-end SMC-SD run on a tiny seeded config of every supported family, and a clear error
+for the rejected ones.
 
 Tolerances are float32's: atol 1e-4 on logits of magnitude ~3 (the observed error is ~3e-6
 on every family, sliding windows and soft-capping included).
@@ -12,7 +13,8 @@ import torch
 import transformers
 
 import hf_smcsd
-from hf_smcsd import compat, zoo
+from hf_smcsd import compat, families
+from hf_smcsd.testing import zoo
 from hf_smcsd.resampling import CopyPlan
 from hf_smcsd.runners import EagerRunner
 
@@ -23,8 +25,8 @@ V = zoo.VOCAB_SIZE
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
 ATOL = RTOL = 1e-4
 
-SUPPORTED = list(zoo.SUPPORTED)
-REJECTED = list(zoo.REJECTED_EXAMPLES)
+SUPPORTED = list(zoo.SUPPORTED_CONFIGS)
+REJECTED = list(zoo.REJECTED_CONFIGS)
 
 
 def _require(name):
@@ -167,10 +169,13 @@ def test_draft_equal_to_target_has_zero_weights(name):
 
 
 def test_zoo_lists_are_consistent():
-    assert not set(SUPPORTED) & set(zoo.REJECTED)
-    assert set(zoo.REJECTED_EXAMPLES) <= set(zoo.REJECTED)
+    """The tiny zoo has a config of every family the runtime lists as supported (and only
+    those), and its rejected examples are families the runtime refuses."""
+    assert set(SUPPORTED) == set(families.SUPPORTED)
+    assert not set(SUPPORTED) & set(families.REJECTED)
+    assert set(REJECTED) <= set(families.REJECTED)
     for name in SUPPORTED:
-        if zoo.SUPPORTED[name].available:
+        if zoo.SUPPORTED_CONFIGS[name].available:
             compat.check_supported_model(_pair(name)[0])  # does not raise
 
 
@@ -194,7 +199,7 @@ def test_rejected_family_fails_clearly(name):
 
 
 def test_unlisted_stateful_models_are_refused():
-    """Families not in zoo.REJECTED are still refused when transformers flags them stateful
+    """Families not in families.REJECTED are still refused when transformers flags them stateful
     or their config declares recurrent / linear-attention layers."""
     from types import SimpleNamespace
 

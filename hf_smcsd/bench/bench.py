@@ -125,40 +125,6 @@ def runner_kwargs(config: Config, device: torch.device) -> dict:
     return dict(cache_implementation="static", compile_config=compile_config)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-class assistant_settings:
-    """Temporarily set how many tokens transformers' assistant drafts per step (read from the
-    *draft's* generation config): an int K means K, constant, no confidence early exit;
-    "default" keeps transformers' own settings."""
-
-    NAMES = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-
-    def __init__(self, draft, gamma):
-        self.config, self.gamma = draft.generation_config, gamma
-
-    def __enter__(self):
-        self.saved = {name: getattr(self.config, name, None) for name in self.NAMES}
-        if self.gamma != "default":
-            self.config.num_assistant_tokens = int(self.gamma)
-            self.config.num_assistant_tokens_schedule = "constant"
-            self.config.assistant_confidence_threshold = 0.0
-
-    def __exit__(self, *exc):
-        for name, value in self.saved.items():
-            setattr(self.config, name, value)
-        return False
-
-
 def generate_once(config: Config, target, draft, input_ids, attention_mask, sampling: dict):
     """One generate() call of a configuration: (new tokens [B, W], the raw output)."""
     sampling = dict(sampling, **runner_kwargs(config, input_ids.device))
@@ -166,7 +132,7 @@ def generate_once(config: Config, target, draft, input_ids, attention_mask, samp
         out = target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)
         return out[:, input_ids.shape[1]:], out
     if config.method == "assisted":
-        with assistant_settings(draft, config.gamma):
+        with common.assistant_settings(draft, config.gamma):
             out = target.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
                                   **sampling)
         return out[:, input_ids.shape[1]:], out
@@ -242,7 +208,7 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
         raise ValueError(f"runners={list(runners)}: unknown {unknown}; use {', '.join(RUNNERS)}")
     configs = build_configs(batch_sizes, particles, gammas, assisted_gammas, modes, schedule, auto_threshold, runners)
     runnable = [c for c in configs if c.available]
-    batches = {b: left_pad(prompts[:b], pad_id) for b in batch_sizes}
+    batches = {b: common.left_pad(prompts[:b], pad_id) for b in batch_sizes}
     times = {c: [] for c in runnable}
     counts = {c: [] for c in runnable}
     outputs = {c: [] for c in runnable}
@@ -579,9 +545,7 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .fidelity import _quiet_transformers
-
-    _quiet_transformers()
+    common.quiet_transformers()
     try:
         device = common.resolve_device(args.device)
         dtype = common.resolve_dtype(args.dtype, device)

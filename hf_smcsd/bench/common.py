@@ -1,5 +1,6 @@
-"""Helpers shared by `hf-smcsd bench` and `hf-smcsd fidelity`: loading a pair, timing,
-runner instrumentation, intervals, and writing CSV / JSON."""
+"""Helpers shared by `hf-smcsd bench` and `hf-smcsd fidelity`: padding prompts, transformers'
+assistant settings, loading a pair, timing, runner instrumentation, intervals, and writing
+CSV / JSON. The command modules import this one and never each other."""
 
 from __future__ import annotations
 
@@ -20,6 +21,55 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TARGET = REPO_ROOT / "examples" / "models" / "target"
 DEFAULT_DRAFT = REPO_ROOT / "examples" / "models" / "draft"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- generation
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded input ids and attention mask (an empty prompt: all padding)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+class assistant_settings:
+    """Temporarily set how many tokens transformers' assistant drafts per step (read from the
+    *draft's* generation config): an int K means K, constant, no confidence early exit;
+    "default" keeps transformers' own settings."""
+
+    NAMES = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+    def __init__(self, draft, gamma):
+        self.config, self.gamma = draft.generation_config, gamma
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.config, name, None) for name in self.NAMES}
+        if self.gamma != "default":
+            self.config.num_assistant_tokens = int(self.gamma)
+            self.config.num_assistant_tokens_schedule = "constant"
+            self.config.assistant_confidence_threshold = 0.0
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.config, name, value)
+        return False
+
+
+
+def quiet_transformers():
+    """transformers' logging down to errors, no progress bars: the commands print their own."""
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -38,11 +38,10 @@ from pathlib import Path
 
 import torch
 
-from .. import fidelity as exact_fidelity
 from ..generate import smc_generate
-from ..tiny import perturbed_copy, tiny_llama
+from ..testing import enumeration
+from ..testing.tiny_models import perturbed_copy, tiny_llama
 from . import common, data
-from .bench import assistant_settings, left_pad
 
 SECTIONS = ("exact", "task", "loglik")
 EXACT_COLUMNS = ["method", "particles", "gamma", "samples", "tv", "tv_low", "tv_high", "noise_floor_q95", "consistent",
@@ -91,7 +90,7 @@ def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, par
                                 smc_gamma=gamma, **knobs, **sampling)[:, prompt:]
         if method == "assisted":
             rows = []
-            with assistant_settings(draft, gamma if gamma is not None else "default"):
+            with common.assistant_settings(draft, gamma if gamma is not None else "default"):
                 for ids, mask in zip(input_ids, attention_mask):  # transformers: batch size 1 only
                     ids = ids[mask.bool()].unsqueeze(0)
                     out = target.generate(input_ids=ids, assistant_model=draft, **sampling)[0, ids.shape[1]:]
@@ -176,7 +175,7 @@ def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 50
     eos = 3 if vocab > 3 else vocab - 1
     target, draft = exact_pair(vocab=vocab, seed=seed, eos=eos)
     exact = encode_distribution(
-        exact_fidelity.exact_distribution(target, list(prompt), new_tokens, temperature, (eos,)), vocab)
+        enumeration.exact_distribution(target, list(prompt), new_tokens, temperature, (eos,)), vocab)
     prompt_ids = torch.tensor([list(prompt)])
 
     def measure(method, samples, **kw):
@@ -198,7 +197,7 @@ def run_exact(particles, gammas, samples: int = 2000, assisted_samples: int = 50
     def floor(n):
         if n not in floors:
             exact_tuples = {k: v for k, v in exact.items()}
-            noise = exact_fidelity.sampling_noise_tv(exact_tuples, n, repeats=200, seed=seed)
+            noise = enumeration.sampling_noise_tv(exact_tuples, n, repeats=200, seed=seed)
             floors[n] = float(torch.quantile(noise, 0.95))
         return floors[n]
 
@@ -237,7 +236,7 @@ def run_task(target, draft, tokenizer, particles, gammas, problems: int = 300, t
     for setting in settings:
         correct, started = 0, time.perf_counter()
         for start in range(0, len(chosen), batch_size):
-            ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            ids, mask = common.left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
             tokens = sample_outputs(**setting, target=target, draft=draft, input_ids=ids.to(device),
                                     attention_mask=mask.to(device), max_new_tokens=data.MAX_DIGITS + 2,
                                     temperature=temperature, stop_ids=stops, pad_id=tokenizer.pad_token_id,
@@ -258,7 +257,7 @@ def run_loglik(target, draft, tokenizer, particles, gammas, prompts: list[str], 
                log=print, modes=None, schedule=common.DEFAULT_SCHEDULE, auto_threshold=None) -> dict:
     device = target.get_input_embeddings().weight.device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+    ids, mask = common.left_pad(encoded, tokenizer.pad_token_id)
     settings = _with_assisted(assisted_gamma) + engine_settings(modes, gammas, particles, schedule)
     rows = []
     for setting in settings:
@@ -405,7 +404,7 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _quiet_transformers()
+    common.quiet_transformers()
     out_dir = Path(args.out_dir)
     report = {"command": "hf-smcsd fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": dict(vars(args)), "hardware": common.hardware()}
@@ -480,16 +479,6 @@ def format_rows(rows, title, key, low, high, extra=None) -> str:
             more += f"  floor {r[extra]:.3f}"
         lines.append(f"  {name:<22} {r[key]:8.3f}  [{r[low]:.3f}, {r[high]:.3f}]{more}")
     return "\n".join(lines)
-
-
-def _quiet_transformers():
-    try:
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

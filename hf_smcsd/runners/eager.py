@@ -10,7 +10,7 @@ device the embedding runs on, logits come back to the caller's device, and every
 layer is copied or shrunk on its own device.
 
 Positions are passed explicitly (`position_ids`, counting real tokens only, as generate()
-does with left padding); every supported family takes them (`hf_smcsd.zoo.SUPPORTED`), and
+does with left padding); every supported family takes them (`hf_smcsd.families.SUPPORTED`), and
 the attention mask is always passed at full length, for those that also read it (OPT, ALiBi).
 Sliding-window layers need nothing special: their window is over cache positions, and left
 padding only shifts every row's real tokens to the right by the same amount.

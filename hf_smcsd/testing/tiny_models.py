@@ -1,4 +1,5 @@
-"""Tiny seeded causal LMs built from configs: for tests and the offline demo.
+"""Tiny seeded causal LMs built from configs: for the tests, the examples, `hf-smcsd fidelity`'s
+exact section and `hf-smcsd gpu-check`.
 
 Nothing is downloaded: the weights come from `torch.manual_seed(seed)` and the config.
 """

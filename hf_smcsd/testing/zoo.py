@@ -1,19 +1,9 @@
-"""The model zoo: which transformers families SMC-SD supports, and tiny seeded models of each.
+"""Tiny seeded models of every family in `hf_smcsd.families`: test and demo scaffolding.
 
-`SUPPORTED` lists the families the eager runner is tested on (tests/test_zoo.py runs the
-same correctness checks on a tiny config of each, on transformers 4.57 and 5.x);
-`REJECTED` lists the families it refuses, and why. `tiny_model(name)` builds a seeded
-random model of a family (hidden 32, about 30k parameters): nothing is downloaded.
-
-Why families are rejected: SMC-SD grows each prompt's cache to N particle rows and, on
-resampling, overwrites the rows of dying particles with copies of surviving ones. An
-attention KV cache is a tensor per layer with a batch axis, which the runner copies row by
-row. Recurrent or hybrid models (state-space / Mamba layers, linear attention, gated
-recurrences, short convolutions) keep a running state per layer that transformers stores in
-cache classes of their own, which the runner does not know how to expand and copy row by
-row; rather than risk silently wrong text, `compat.check_supported_model` refuses them.
-(SMC-SD never rolls a cache back, so such models could be supported later by expanding and
-copying their recurrent states per particle as well.)
+`SUPPORTED_CONFIGS` holds a tiny config (hidden 32, about 30k parameters) of each family in
+`families.SUPPORTED`; `REJECTED_CONFIGS` of some refused families, to test that they are
+refused with a clear error. `tiny_model(name)` builds a seeded random model of a family:
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -41,7 +31,6 @@ class Family:
     config: dict[str, Any]  # the tiny config; layers, vocabulary, init std, special tokens: see tiny_config
     layers_key: str = "num_hidden_layers"
     init_key: str = "initializer_range"  # the config field of the weights' init std
-    note: str = ""
 
     @property
     def available(self) -> bool:
@@ -78,7 +67,7 @@ _GEMMA = dict(
     attn_implementation="eager",
 )
 
-SUPPORTED: dict[str, Family] = {
+SUPPORTED_CONFIGS: dict[str, Family] = {
     f.name: f
     for f in (
         Family("llama", "LlamaConfig", "LlamaForCausalLM", _decoder()),
@@ -87,7 +76,6 @@ SUPPORTED: dict[str, Family] = {
             "MistralConfig",
             "MistralForCausalLM",
             _decoder(sliding_window=SLIDING_WINDOW),
-            note="sliding window on every layer",
         ),
         Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _decoder()),
         Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", _decoder(head_dim=8)),
@@ -96,14 +84,12 @@ SUPPORTED: dict[str, Family] = {
             "Gemma2Config",
             "Gemma2ForCausalLM",
             _decoder(**_GEMMA),
-            note="alternating sliding / full layers, attention and final logit soft-capping",
         ),
         Family(
             "gemma3",
             "Gemma3TextConfig",
             "Gemma3ForCausalLM",
             _decoder(**_GEMMA),
-            note="text-only Gemma 3: sliding / full layers with their own RoPE bases, soft-capping",
         ),
         Family(
             "phi3",
@@ -117,14 +103,12 @@ SUPPORTED: dict[str, Family] = {
             "GPT2LMHeadModel",
             dict(n_embd=32, n_head=4, n_positions=256),
             layers_key="n_layer",
-            note="learned absolute positions",
         ),
         Family(
             "gpt_neox",
             "GPTNeoXConfig",
             "GPTNeoXForCausalLM",
             dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256),
-            note="partial rotary, parallel residual",
         ),
         Family(
             "opt",
@@ -138,67 +122,30 @@ SUPPORTED: dict[str, Family] = {
                 max_position_embeddings=256,
             ),
             init_key="init_std",
-            note="learned positions (offset 2), derived from the attention mask when not given",
         ),
         Family(
             "falcon",
             "FalconConfig",
             "FalconForCausalLM",
             dict(hidden_size=32, num_attention_heads=4, max_position_embeddings=256),
-            note="multi-query attention, rotary, parallel attention",
         ),
         Family(
             "falcon_new_arch",
             "FalconConfig",
             "FalconForCausalLM",
             dict(hidden_size=32, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True),
-            note="Falcon-40B / 180B style: grouped KV heads, two layer norms",
         ),
         Family(
             "falcon_alibi",
             "FalconConfig",
             "FalconForCausalLM",
             dict(hidden_size=32, num_attention_heads=4, alibi=True, multi_query=False),
-            note="Falcon-RW style: ALiBi position bias instead of rotary",
         ),
     )
 }
 
-# model_type -> why SMC-SD refuses it. `compat.check_supported_model` also refuses any model
-# flagged `_is_stateful` by transformers, and any cache it cannot copy row by row.
-_CANNOT_COPY = "that the SMC-SD runner cannot copy per particle"
-_RECURRENT = f"keeps a recurrent state (state-space / Mamba layers) {_CANNOT_COPY}"
-_HYBRID = (
-    "is a hybrid of attention and recurrent layers (Mamba / linear attention / convolution): "
-    "its recurrent state cannot be copied per particle by the SMC-SD runner"
-)
-REJECTED: dict[str, str] = {
-    "mamba": _RECURRENT,
-    "mamba2": _RECURRENT,
-    "falcon_mamba": _RECURRENT,
-    "rwkv": f"keeps a recurrent state (RWKV) {_CANNOT_COPY}",
-    "xlstm": f"keeps a recurrent state (xLSTM) {_CANNOT_COPY}",
-    "recurrent_gemma": f"keeps a recurrent state (Griffin RG-LRU layers) {_CANNOT_COPY}",
-    "jamba": _HYBRID,
-    "bamba": _HYBRID,
-    "zamba": _HYBRID,
-    "zamba2": _HYBRID,
-    "falcon_h1": _HYBRID,
-    "granitemoehybrid": _HYBRID,
-    "nemotron_h": _HYBRID,
-    "qwen3_next": _HYBRID,
-    "qwen3_5": _HYBRID,
-    "qwen3_5_moe": _HYBRID,
-    "olmo_hybrid": _HYBRID,
-    "kimi_linear": _HYBRID,
-    "minimax": _HYBRID,
-    "lfm2": _HYBRID,
-    "lfm2_moe": _HYBRID,
-    "bailing_hybrid": _HYBRID,
-}
-
 # Tiny configs of some rejected families, to test that they are refused with a clear error.
-REJECTED_EXAMPLES: dict[str, Family] = {
+REJECTED_CONFIGS: dict[str, Family] = {
     f.name: f
     for f in (
         Family("mamba", "MambaConfig", "MambaForCausalLM", dict(hidden_size=32, state_size=4)),
@@ -273,11 +220,11 @@ REJECTED_EXAMPLES: dict[str, Family] = {
 
 
 def family(name: str) -> Family:
-    if name in SUPPORTED:
-        return SUPPORTED[name]
-    if name in REJECTED_EXAMPLES:
-        return REJECTED_EXAMPLES[name]
-    raise KeyError(f"no zoo family {name!r}; known: {', '.join(list(SUPPORTED) + list(REJECTED_EXAMPLES))}")
+    if name in SUPPORTED_CONFIGS:
+        return SUPPORTED_CONFIGS[name]
+    if name in REJECTED_CONFIGS:
+        return REJECTED_CONFIGS[name]
+    raise KeyError(f"no zoo family {name!r}; known: {', '.join(list(SUPPORTED_CONFIGS) + list(REJECTED_CONFIGS))}")
 
 
 def tiny_config(
