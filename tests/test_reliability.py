@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hf_smcsd
-from hf_smcsd import zoo
+from hf_smcsd.testing import zoo
 
 # --- Item 2: models with learned absolute positions (GPT-2 n_positions=16). ---
 
@@ -105,7 +105,7 @@ def test_bad_prompts_are_refused_up_front_naming_the_argument(pair, ids, mask, s
 
 
 def test_an_id_only_the_wider_model_embeds_is_refused_naming_the_draft(pair):
-    from hf_smcsd.tiny import tiny_llama
+    from hf_smcsd.testing.tiny_models import tiny_llama
 
     target, _ = pair
     narrow_draft = tiny_llama(vocab_size=32, hidden_size=32, num_layers=1, seed=1)
@@ -224,7 +224,7 @@ def test_a_huge_gamma_is_sized_by_what_can_be_drafted(pair, monkeypatch):
 def test_nan_logits_raise_an_error_naming_the_model(poisoned, kwargs):
     """Before: exact, mixed and auto returned the last vocabulary id repeated."""
     from hf_smcsd.smc import InvalidDistributionError
-    from hf_smcsd.tiny import tiny_llama
+    from hf_smcsd.testing.tiny_models import tiny_llama
 
     target = tiny_llama(vocab_size=40, hidden_size=48, num_layers=2, seed=0)
     draft = tiny_llama(vocab_size=40, hidden_size=32, num_layers=1, seed=1)
