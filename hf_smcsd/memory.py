@@ -103,6 +103,7 @@ def kv_bytes_per_row(model, positions: int) -> int:
 def estimate(target, draft, prompts: int, prompt_length: int, particles: int, max_new_tokens: int, gamma: int,
              exact_mode: bool = False, vocab_size: int | None = None) -> Estimate:
     rows = prompts * particles
+    gamma = min(gamma, max_new_tokens)  # a round drafts at most what some budget can keep
     positions = prompt_length + max_new_tokens + gamma + 1
     vocab = vocab_size or compat.output_vocab_size(target)
     copies = 4  # logits as returned, in float32, as log-probabilities, processed (measured: see module doc)
