@@ -335,3 +335,28 @@ def check_rollback_fits(model, length: int, name: str = "model") -> None:
             "'mixed', 'auto', or do_sample=False) roll the cache back, which a sliding window cannot do past "
             f"its window. Shorten the prompt or max_new_tokens to fit {window - 1} positions, or use smc_mode='smc'."
         )
+
+
+# --- Learned absolute positions (GPT-2, OPT, ...): a table with a fixed number of rows. ---
+
+_POSITION_LIMIT_NAMES = ("n_positions", "max_position_embeddings")
+
+
+def learned_position_limit(model) -> int | None:
+    """How many positions a model with a learned position table can embed (position ids
+    0 .. limit - 1), or None when its positions are computed (rotary, ALiBi) and any
+    position id works. A table is any embedding besides the token embedding (GPT-2's `wpe`,
+    OPT's `embed_positions`); its size is the config's `n_positions` /
+    `max_position_embeddings` (OPT's table holds 2 rows more, for its offset)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    tokens = get_input_embeddings() if callable(get_input_embeddings) else None
+    if not any(isinstance(m, torch.nn.Embedding) and m is not tokens for m in model.modules()):
+        return None
+    for config in _configs(model):
+        for name in _POSITION_LIMIT_NAMES:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

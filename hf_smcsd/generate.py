@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat, memory, planner, policy, validation
+from . import compat, distributed, memory, planner, policy, validation
 from .runners.eager import EagerRunner
 from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
@@ -28,7 +28,7 @@ from .weights import log_probs
 SMC_KNOBS: dict[str, Any] = {
     "smc_particles": None,  # None: not SMC-SD (the patched generate() is the stock one)
     "smc_gamma": 4,
-    "smc_draft_temperature": None,  # None: the target's temperature
+    "smc_draft_temperature": None,  # None: the target's temperature, at least smc.MIN_DRAFT_TEMPERATURE
     "smc_resample_threshold": 0.5,
     "smc_resample_method": "systematic",
     "smc_alpha": 1.0,
@@ -184,9 +184,20 @@ def _knob(name: str, kwargs: dict, generation_config, model):
     return _setting(name, kwargs, generation_config, model, SMC_KNOBS[name])
 
 
-def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -> tuple[dict, int | None]:
+def _knob_is_set(name: str, kwargs: dict, generation_config, model) -> bool:
+    """Whether the call sets a knob (a keyword, or a generation config carrying it)."""
+    if name in kwargs:
+        return kwargs[name] is not None
+    return any(
+        getattr(config, name, None) is not None for config in (generation_config, getattr(model, "generation_config", None))
+    )
+
+
+def _check_request(model, draft, knobs: dict, explicit: set, args: tuple, kwargs: dict,
+                   generation_config) -> tuple[dict, int | None]:
     """Every check before any work (`hf_smcsd.validation`): the knobs with plain values, and
     the vocabulary both models run on when their widths differ by padding (else None)."""
+    knobs["smc_gamma"] = validation.draft_tokens(kwargs, "smc_gamma" in explicit, knobs["smc_gamma"], draft)
     knobs = validation.check_knobs(knobs)
     shared_vocab = validation.check_models(model, draft, kwargs)
 
@@ -194,7 +205,10 @@ def _check_request(model, draft, knobs: dict, kwargs: dict, generation_config) -
         return _setting(name, kwargs, generation_config, model)
 
     validation.check_generate_args(kwargs, setting, generation_config)
+    prompts = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    validation.check_prompts(prompts, kwargs.get("attention_mask"), (("model", model), ("assistant_model", draft)))
     validation.warn_ignored_outputs(setting)
+    validation.warn_ineffective_knobs(explicit, knobs["smc_mode"], greedy=not setting("do_sample"))
     return knobs, shared_vocab
 
 
@@ -203,6 +217,7 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
     if generation_config is None and len(args) > 1:
         generation_config = args[1]
     knobs = {name: _knob(name, kwargs, generation_config, model) for name in SMC_KNOBS}
+    explicit = {name for name in SMC_KNOBS if _knob_is_set(name, kwargs, generation_config, model)}
     for name in SMC_KNOBS:  # stock generate() would reject them as unused model kwargs
         kwargs.pop(name, None)
     if knobs["smc_particles"] is None:
@@ -214,7 +229,7 @@ def _dispatch(model, original_generate, args: tuple, kwargs: dict):
             "smc_particles is set but no draft model was given: pass assistant_model=<a small causal LM "
             "sharing the target's tokenizer>, or drop smc_particles for ordinary generation."
         )
-    knobs, shared_vocab = _check_request(model, draft, knobs, kwargs, generation_config)
+    knobs, shared_vocab = _check_request(model, draft, knobs, explicit, args, kwargs, generation_config)
     # do_sample=False: greedy verification of the N sampled draft chains (exact, any batch size).
     greedy = not _setting("do_sample", kwargs, generation_config, model)
     # cache_implementation="static" selects the static runner (SMC-SD builds its caches itself).
@@ -300,11 +315,7 @@ def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: in
     # Processors that carry one value per prompt of generate()'s batch (transformers 5.24's
     # repetition penalty keeps each prompt's padding length): rows here are particles, so
     # each call gets the values of its rows' prompts (`history.prompts`).
-    per_prompt = [
-        (p, p.prompt_ignore_length[::prompt_stride])
-        for p in logits_processor
-        if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor)
-    ]
+    per_prompt = [(p, values[::prompt_stride]) for p, values in _processor_row_state(logits_processor)]
 
     def log_probs_fn(logits: torch.Tensor, history) -> torch.Tensor:
         rows, width, vocab = logits.shape
@@ -324,6 +335,16 @@ def processed_log_probs(logits_processor: LogitsProcessorList, prompt_stride: in
 
     log_probs_fn.reads_history = not position_free
     return log_probs_fn
+
+
+def _processor_row_state(logits_processor) -> list[tuple[Any, torch.Tensor]]:
+    """Processors holding one value per row of generate()'s batch (transformers 5.24's
+    repetition penalty keeps each row's padding length), with those values."""
+    return [
+        (p, p.prompt_ignore_length)
+        for p in logits_processor
+        if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor)
+    ]
 
 
 def _draft_processors(logits_processor: LogitsProcessorList, temperature: float) -> LogitsProcessorList:
@@ -398,17 +419,21 @@ def _smc_decode(
     pad = _token_ids(pad)[0] if pad is not None else (eos[0] if eos else 0)
     temperature = generation_config.temperature or 1.0
     greedy = not generation_config.do_sample
+    # A round drafts at most what some budget can keep (K = min(smc_gamma, tokens left)), so
+    # a K beyond max_new_tokens changes nothing but what buffers and estimates would size.
+    knobs = dict(smc_knobs, smc_gamma=min(smc_knobs["smc_gamma"], max_new_tokens))
     settings = SMCSettings(**_settings_kwargs(
-        smc_knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
+        knobs, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=eos, pad_token_id=pad,
         num_return_sequences=num_return, greedy=greedy,
     ))
+    _check_positions_fit(model, smc_draft, input_ids, attention_mask, max_new_tokens)
     if greedy or settings.mode != "smc":  # exact rounds roll caches back: sliding windows must hold it all
         longest = prompt_length + max_new_tokens + settings.gamma + 1
         for name, m in (("model", model), ("assistant_model", smc_draft)):
             if isinstance(m, torch.nn.Module):
                 compat.check_rollback_fits(m, longest, name)
     _check_memory(model, smc_draft, input_ids, settings, smc_knobs, smc_vocab)
-    draft_temperature = settings.draft_temperature or temperature
+    draft_temperature = settings.proposal_temperature
     draft_log_probs = (
         processed_log_probs(_draft_processors(logits_processor, draft_temperature), prompt_stride=num_return)
         if smc_knobs["smc_draft_processors"]
@@ -418,19 +443,27 @@ def _smc_decode(
         if input_ids.shape[0] != 1:
             raise ValueError(f"streamer works with one prompt at a time (as in transformers); got {input_ids.shape[0]}.")
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
+    distributed.prepare(model, smc_draft)  # tensor parallel: same generator state on every rank
     runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
                           max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
-    result = smc_sample(
-        make_runner(model, smc_vocab, **runner_options),
-        make_runner(smc_draft, smc_vocab, **runner_options),
-        input_ids,
-        attention_mask,
-        settings,
-        target_log_probs=processed_log_probs(logits_processor, prompt_stride=num_return),
-        draft_log_probs=draft_log_probs,
-        stop_fn=stopping_fn(stopping_criteria),
-        stream=streamer.put if streamer is not None else None,
-    )
+    # The loop points per-row processor state at its particle rows; the scores pass below (one
+    # row per returned sequence) and a processor the caller reuses need the rows generate() set.
+    row_state = _processor_row_state(logits_processor)
+    try:
+        result = smc_sample(
+            make_runner(model, smc_vocab, **runner_options),
+            make_runner(smc_draft, smc_vocab, **runner_options),
+            input_ids,
+            attention_mask,
+            settings,
+            target_log_probs=processed_log_probs(logits_processor, prompt_stride=num_return),
+            draft_log_probs=draft_log_probs,
+            stop_fn=stopping_fn(stopping_criteria),
+            stream=streamer.put if streamer is not None else None,
+        )
+    finally:
+        for processor, value in row_state:
+            processor.prompt_ignore_length = value
     if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
         chosen = int(result.chosen[0, 0])
         streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
@@ -460,15 +493,16 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompts)
     per_row = rows // prompt_mask.shape[0]  # num_return_sequences, prompt-major
-    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new)], dim=1)
+    # The last token is not fed (as in sampling): a learned position table need not hold it.
+    mask = torch.cat([prompt_mask.repeat_interleave(per_row, dim=0), prompt_mask.new_ones(rows, new - 1)], dim=1)
     kwargs = {"attention_mask": mask, "use_cache": False}
     parameters = inspect.signature(model.forward).parameters
     if "position_ids" in parameters:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() does
     if "logits_to_keep" in parameters:
-        kwargs["logits_to_keep"] = new + 1  # not the prompt's: [rows, prompt, V] can be large
+        kwargs["logits_to_keep"] = new  # not the prompt's: [rows, prompt, V] can be large
     with torch.no_grad():
-        logits = model(input_ids=sequences, **kwargs).logits[:, -(new + 1) : -1].float()
+        logits = model(input_ids=sequences[:, :-1], **kwargs).logits[:, -new:].float()
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     if generation_config.output_logits:
@@ -477,6 +511,25 @@ def _add_returned_scores(output, model, prompts, prompt_mask, logits_processor, 
         output.scores = tuple(
             logits_processor(sequences[:, : prompt_length + j], logits[:, j].clone()) for j in range(new)
         )
+
+
+def _check_positions_fit(target, draft, input_ids, attention_mask, max_new_tokens: int) -> None:
+    """A model with a learned position table (GPT-2, OPT) embeds a fixed number of positions:
+    a prompt of L real tokens and its first max_new_tokens - 1 new ones (the last one is never
+    fed) must fit. Stock generate() would fail there too, but deep inside the model."""
+    limits = [(name, m, compat.learned_position_limit(m)) for name, m in (("model", target), ("assistant_model", draft))]
+    limits = [(name, m, limit) for name, m, limit in limits if limit is not None]
+    if not limits:
+        return
+    longest = int(attention_mask.sum(-1).max()) if attention_mask is not None else input_ids.shape[1]
+    need = longest + max_new_tokens - 1
+    for name, m, limit in limits:
+        if need > limit:
+            raise ValueError(
+                f"{name} ({type(m).__name__}) has learned absolute positions and holds {limit} of them, but this "
+                f"request feeds {need}: the longest prompt has {longest} tokens, plus max_new_tokens={max_new_tokens} "
+                f"minus 1. Lower max_new_tokens to at most {limit - longest + 1} (or shorten the prompt)."
+            )
 
 
 def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, vocab_size) -> None:
@@ -507,7 +560,7 @@ def make_runner(model, vocab_size: int | None = None, static: bool = False, comp
         runner = EagerRunner(model)
     if vocab_size is not None and vocab_size < runner.vocab_size:
         runner = SharedVocabulary(runner, vocab_size)
-    return runner
+    return distributed.lockstep(model, runner)  # tensor parallel: every call checked across ranks
 
 
 def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict: bool):

@@ -42,21 +42,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class UsageError(ValueError):
+    """A bad invocation: one line on stderr, exit status 2 (as argparse does)."""
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
-    with open(args.prompts_file, encoding="utf-8") as f:
-        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {getattr(error, 'strerror', None) or error}") from None
     if not prompts:
-        raise SystemExit(f"hf-smcsd generate: {args.prompts_file} holds no prompt")
+        raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt")
     return prompts
+
+
+def load(loader, option: str, path: str, **kwargs):
+    """`loader(path)`, or a UsageError naming the option when the path is no model."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load {option} {path}: {reason}") from None
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    prompts = read_prompts(args)
     try:
-        return run(args, prompts)
+        return run(args, read_prompts(args))
     except (ValueError, MemoryError) as error:  # the library's clear errors, without a traceback
         print(f"hf-smcsd generate: error: {error}", file=sys.stderr)
         return 2
@@ -72,11 +87,11 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.target, padding_side="left")
+    tokenizer = load(AutoTokenizer.from_pretrained, "--target", args.target, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(device).eval()
+    target = load(AutoModelForCausalLM.from_pretrained, "--target", args.target, dtype=dtype).to(device).eval()
+    draft = load(AutoModelForCausalLM.from_pretrained, "--draft", args.draft, dtype=dtype).to(device).eval()
 
     texts = prompts
     if args.chat:

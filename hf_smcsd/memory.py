@@ -94,12 +94,16 @@ def kv_bytes_per_row(model, positions: int) -> int:
         min(positions, int(window)) if window and kind == "sliding_attention" else positions
         for kind in (layer_types if len(layer_types) == layers else ["full_attention"] * layers)
     ]
-    return 2 * _kv_heads(config) * int(head_dim) * _dtype_bytes(model) * sum(held)
+    from .distributed import tp_size
+
+    # A tensor-parallel model's cache holds this rank's heads only.
+    return 2 * _kv_heads(config) * int(head_dim) * _dtype_bytes(model) * sum(held) // tp_size(model)
 
 
 def estimate(target, draft, prompts: int, prompt_length: int, particles: int, max_new_tokens: int, gamma: int,
              exact_mode: bool = False, vocab_size: int | None = None) -> Estimate:
     rows = prompts * particles
+    gamma = min(gamma, max_new_tokens)  # a round drafts at most what some budget can keep
     positions = prompt_length + max_new_tokens + gamma + 1
     vocab = vocab_size or compat.output_vocab_size(target)
     copies = 4  # logits as returned, in float32, as log-probabilities, processed (measured: see module doc)

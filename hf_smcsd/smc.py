@@ -63,6 +63,29 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 SMC_ROUND, EXACT_ROUND, REDONE_ROUND, PLAIN_ROUND = "s", "e", "x", "p"  # letters of `SMCResult.round_modes`
+# The draft proposes at the target's temperature, but never below this (the reference
+# engine proposes at 0.7 whatever the target's). A sharper proposal stops covering the
+# target: near temperature 0 every particle would propose the draft's argmax, and where it
+# is not the target's no N recovers (issue 19; build_scripts/draft_temperature_sweep.py).
+MIN_DRAFT_TEMPERATURE = 0.7
+TARGET, DRAFT = 0, 1  # indices of `Population.invalid`
+_MODEL_NAMES = ("target model (generate()'s model)", "draft model (assistant_model)")
+
+
+class InvalidDistributionError(ValueError):
+    """A model's logits gave no probability distribution (NaN)."""
+
+
+def check_distributions(invalid: Sequence[bool]) -> None:
+    """Raise InvalidDistributionError naming the model(s) whose distributions held a NaN
+    (`invalid`: host copies of `Population.invalid`)."""
+    bad = [name for name, flag in zip(_MODEL_NAMES, invalid) if flag]
+    if bad:
+        raise InvalidDistributionError(
+            f"The {' and the '.join(bad)} gave NaN probabilities: its logits hold NaN or infinite values (a float16 "
+            "overflow is the usual cause: load it in bfloat16 or float32, and check its weights), or logits "
+            "processors removed every token. SMC-SD stops rather than return tokens drawn from no distribution."
+        )
 _INITIAL_TOKENS = 256  # new-token columns allocated at the start (doubled as needed)
 
 
@@ -74,7 +97,7 @@ class SMCSettings:
     gamma: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0
-    draft_temperature: float | None = None  # None: same as `temperature`
+    draft_temperature: float | None = None  # None: `temperature`, at least MIN_DRAFT_TEMPERATURE
     resample_threshold: float = 0.5
     resample_method: str = "systematic"
     alpha: float = 1.0
@@ -90,6 +113,14 @@ class SMCSettings:
     def __post_init__(self):
         self.validate()
 
+    @property
+    def proposal_temperature(self) -> float:
+        """The temperature the draft proposes at: `draft_temperature`, or else the target's
+        temperature but at least MIN_DRAFT_TEMPERATURE, so the proposal keeps covering it."""
+        if self.draft_temperature is not None:
+            return self.draft_temperature
+        return max(self.temperature or 1.0, MIN_DRAFT_TEMPERATURE)
+
     def validate(self) -> None:
         def bad(name, value, fix):
             raise ValueError(f"Invalid {name}={value!r}: {fix}")
@@ -103,7 +134,8 @@ class SMCSettings:
         if not self.greedy and (not self.temperature or self.temperature <= 0):
             bad("temperature", self.temperature, "SMC-SD samples; use a temperature > 0.")
         if self.draft_temperature is not None and not self.draft_temperature > 0:
-            bad("smc_draft_temperature", self.draft_temperature, "use a temperature > 0, or None for the target's.")
+            bad("smc_draft_temperature", self.draft_temperature,
+                f"use a temperature > 0, or None for the target's (at least {MIN_DRAFT_TEMPERATURE}).")
         if not 0.0 <= float(self.resample_threshold) <= 1.0:
             bad(
                 "smc_resample_threshold",
@@ -212,11 +244,19 @@ class Population:
         self.identical = torch.zeros(batch, dtype=torch.bool, device=device)
         self.force_exact = torch.zeros(batch, dtype=torch.bool, device=device)
         self.last_token = self.draft_pending = None  # set by `start`
+        # Whether the target's / the draft's distributions held a NaN since the start (NaN or
+        # infinite logits, or processors that removed every token). Kept on the device and
+        # read with the round's two synchronisations: checking costs none of its own.
+        self.invalid = torch.zeros(2, dtype=torch.bool, device=device)
         self.stats: _Stats | None = None
         self.stream, self.streamed = stream, 0
         self.auto: _AutoState | None = None
         self.can_narrow = settings.mode == "auto" and self.n > 1 and all(hasattr(r, "expand") for r in (target, draft))
         self.narrow = False
+
+    def note_distribution(self, model: int, log_probs: torch.Tensor) -> None:
+        """Record whether `log_probs` of `model` (TARGET or DRAFT) hold a NaN (no sync)."""
+        self.invalid[model] |= torch.isnan(log_probs).any()
 
     @property
     def batch(self) -> int:
@@ -445,12 +485,13 @@ class RoundShape:
     least: int = 0  # fewest tokens any live group has left
     k: int = 0  # draft tokens per row this round (0: a plain round, auto only)
     with_bonus: bool = True  # whether a bonus token follows the k drafts
+    invalid: list = field(default_factory=list)  # host copy of `Population.invalid`
 
     def settle(self, summary: list, gamma: int) -> None:
         """Take the host's copy of `summary`, and fix the round's K (the planner's for auto,
         else `gamma`): the last rounds draft only what some budget can keep, and skip the
         bonus where no budget reaches it."""
-        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse = summary
+        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, *self.invalid = summary
         self.any_exact = num_exact > 0
         self.k = min(gamma if self.plan is None else self.plan.k, most)
         self.with_bonus = most > self.k
@@ -526,7 +567,7 @@ def smc_sample(
     rules = Rules(
         settings,
         target_log_probs or _temperature_only(settings.temperature),
-        draft_log_probs or _temperature_only(settings.draft_temperature or settings.temperature),
+        draft_log_probs or _temperature_only(settings.proposal_temperature),
         torch.tensor(list(settings.eos_token_ids), dtype=torch.long, device=input_ids.device),
         stop_fn,
     )
@@ -541,6 +582,7 @@ def smc_sample(
             auto.clock.start("round")
         shape = choose_round_shape(population, settings)
         shape.settle(shape.summary.tolist(), settings.gamma)  # host synchronisation 1 of 2
+        check_distributions(shape.invalid)  # NaN from the last round (or the start): stop, before the pick
         if auto is not None:
             auto.observe_last_round()  # its spans are complete: the synchronisation above passed them
         if shape.num_done == population.num_live_groups:
@@ -572,7 +614,9 @@ def smc_sample(
 
         # Dead populations and resampling: one host synchronisation decides both.
         dead, needs, group_log_weights = check_populations(population, shape, settings)
-        any_dead, any_needs = torch.stack([dead.any(), needs.any()]).tolist()  # host synchronisation 2 of 2
+        any_dead, any_needs, *invalid = torch.cat(  # host synchronisation 2 of 2
+            [torch.stack([dead.any(), needs.any()]), population.invalid]).tolist()
+        check_distributions(invalid)  # before NaN weights reach the redo or the resampling
         if any_dead:
             redo_dead_populations(population, dead, saved, advance, block, drafts, verified)
         if any_needs:
@@ -730,6 +774,7 @@ def start(population: Population, rules: Rules, attention_mask: torch.Tensor | N
     first_logits = p.target.prefill(prompts, attention_mask, n).unsqueeze(1)
     p.draft.prefill(prompts, attention_mask, n)
     first_lp = p.distribution(rules.target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
+    p.note_distribution(TARGET, first_lp)
     if settings.greedy:
         first_lp = verify.one_hot(first_lp).log()
     first_dist, first_log_z = power_log_probs(first_lp, float(settings.alpha))
@@ -772,8 +817,9 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     collapse = wants_one_particle & ~p.identical[groups] & ~done
     remaining = budget - p.clock[groups]
     left = torch.where(done, -1, remaining)
-    summary = torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
-                           torch.where(done, budget, remaining).min(), (~p.identical[groups] & ~done).sum()])
+    summary = torch.cat([torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
+                                      torch.where(done, budget, remaining).min(),
+                                      (~p.identical[groups] & ~done).sum()]), p.invalid.long()])
     return RoundShape(done, exact, collapse, remaining, summary, plan)
 
 
@@ -812,6 +858,7 @@ def plain_round(population: Population, rules: Rules, shape: RoundShape) -> None
         lp = p.group_distribution(rules.target_log_probs, logits)[:, 0]
     else:
         lp = p.distribution(rules.target_log_probs, logits, [])[:, 0]
+    p.note_distribution(TARGET, lp)
     if settings.greedy:
         lp = verify.one_hot(lp).log()
     token = sample(lp)
@@ -846,6 +893,7 @@ def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Draf
         if step:
             logits = p.draft.extend(drafted[-1].unsqueeze(1))
         lq = p.distribution(rules.draft_log_probs, logits, [d.unsqueeze(1) for d in drafted])[:, 0]
+        p.note_distribution(DRAFT, lq)
         token = sample(lq)
         drafted.append(token)
         draft_lq.append(gather(lq, token))
@@ -873,6 +921,7 @@ def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts
     if p.auto is not None:
         p.auto.clock.stop("verify")
     target_lp = p.distribution(rules.target_log_probs, logits, [fed])
+    p.note_distribution(TARGET, target_lp)
     log_p = gather(target_lp[:, :k], drafts.tokens)
     if p.auto is not None:  # evidence for later rounds: divergences at every drafted position
         row_remaining = shape.remaining.repeat_interleave(n)

@@ -20,6 +20,7 @@ import torch
 from . import compat
 from .policy import MODES
 from .resampling import RESAMPLING_METHODS
+from .smc import MIN_DRAFT_TEMPERATURE
 
 
 class _Bad(Exception):
@@ -134,7 +135,7 @@ def optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
 KNOB_KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "smc_particles": (optional(positive_int), "N particles per prompt (8 is a good start; None turns SMC-SD off)"),
     "smc_gamma": (positive_int, "K draft tokens per round (4 to 8 is typical)"),
-    "smc_draft_temperature": (optional(positive_float), "the draft's temperature (None: the target's)"),
+    "smc_draft_temperature": (optional(positive_float), f"the draft's temperature (None: the target's, at least {MIN_DRAFT_TEMPERATURE})"),
     "smc_resample_threshold": (fraction, "resample when ESS < threshold * N (0 never, 1 every round)"),
     "smc_resample_method": (choice(*RESAMPLING_METHODS), "how ancestors are drawn"),
     "smc_alpha": (positive_float, "the power of the target (1.0 samples the target itself)"),
@@ -177,13 +178,34 @@ GENERATE_ARG_KINDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def non_negative_float(value) -> float:
+    value = as_float(value)
+    if value < 0:
+        raise _Bad("pass a number >= 0")
+    return value
+
+
+# cache_implementation values SMC-SD takes: its runners build their own caches, dynamic or
+# (with "static") preallocated per particle.
+OWN_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+
+
 def check_generate_args(kwargs: dict, setting: Callable[[str], Any], generation_config=None) -> None:
     """Refuse what SMC-SD cannot do, with the reason and the fix. `setting(name)` resolves an
     argument as generate() does (keyword, else config); `generation_config` is the one passed
     to this call, if any."""
+    greedy = not setting("do_sample")
     for name, kind in GENERATE_ARG_KINDS.items():
+        if name == "temperature" and greedy:
+            kind = non_negative_float  # greedy ignores it, as stock greedy does (0.0 included)
         if kwargs.get(name) is not None:
             kwargs[name] = check_value(name, kwargs[name], kind)
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "inputs_embeds is not supported with smc_particles: the draft proposes from token ids through its own "
+            "embeddings, and SMC-SD prefills both models from input_ids. Pass the prompt's token ids as input_ids "
+            "(or generate without smc_particles)."
+        )
     # Only what the caller asks for: released checkpoints (e.g. Gemma 2/3) ship a default
     # cache_implementation that SMC-SD can ignore, since its runners build their own caches.
     cache_impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
@@ -195,6 +217,13 @@ def check_generate_args(kwargs: dict, setting: Callable[[str], Any], generation_
             f"cache_implementation={cache_impl!r} (a fixed-size or compiled cache) cannot be used with "
             "smc_particles: SMC-SD grows each prompt's cache to N rows and reorders rows in flight. "
             "Use cache_implementation='static' (SMC-SD's own preallocated per-particle cache) or drop it."
+        )
+    if cache_impl not in OWN_CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation={cache_impl!r} is not supported with smc_particles: SMC-SD builds its own caches "
+            "(N rows per prompt, copied and rolled back per particle), which transformers' offloaded, quantized "
+            "and paged caches cannot be. Drop cache_implementation, or pass 'static' for SMC-SD's own "
+            "preallocated cache."
         )
     if passed is not None:
         name = next(n for n in compat.CACHE_KWARGS if kwargs.get(n) is not None)
@@ -210,6 +239,16 @@ def check_generate_args(kwargs: dict, setting: Callable[[str], Any], generation_
     for name, why in not_supported.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported with smc_particles ({why}); remove it.")
+    other_drafters = {
+        "prompt_lookup_num_tokens": "prompt lookup drafts from the prompt's n-grams",
+        "assistant_early_exit": "self-speculation drafts with the target's own early layers",
+    }
+    for name, what in other_drafters.items():
+        if setting(name) is not None:
+            raise ValueError(
+                f"{name}={setting(name)!r} is not supported with smc_particles ({what}; SMC-SD drafts with "
+                f"assistant_model). Remove {name}, or generate without smc_particles to use it."
+            )
     guidance_scale = setting("guidance_scale")
     if guidance_scale is not None and as_float_or_none(guidance_scale) != 1.0:
         raise ValueError(
@@ -220,6 +259,110 @@ def check_generate_args(kwargs: dict, setting: Callable[[str], Any], generation_
     num_beams = setting("num_beams")
     if num_beams is not None and check_value("num_beams", num_beams, positive_int) > 1:
         raise ValueError(f"num_beams={num_beams} is beam search; SMC-SD samples. Use num_beams=1.")
+
+
+def check_prompts(input_ids, attention_mask, models) -> None:
+    """An empty prompt, or a token id outside a model's vocabulary, would fail deep inside
+    the model (as in stock generate()): refuse them up front, naming the argument. One read
+    of the prompts' extremes (a host synchronisation before any work)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return
+    if input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids has no token (shape {tuple(input_ids.shape)}): SMC-SD needs at least one prompt token per "
+            "prompt. Start from the tokenizer's BOS token, e.g. input_ids=torch.tensor([[tokenizer.bos_token_id]])."
+        )
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}.")
+    real = attention_mask.ne(0).sum(-1).min() if isinstance(attention_mask, torch.Tensor) else input_ids.new_tensor(1)
+    low, high, shortest = (int(v) for v in torch.stack([input_ids.min(), input_ids.max(), real.to(input_ids)]).tolist())
+    if shortest == 0:
+        row = int(attention_mask.ne(0).sum(-1).argmin())
+        raise ValueError(
+            f"prompt {row} is empty: its attention_mask row is 0 everywhere. SMC-SD needs at least one real token "
+            "per prompt (e.g. the tokenizer's BOS token)."
+        )
+    sizes = [(name, input_vocab_size(model)) for name, model in models]
+    sizes = [(name, size) for name, size in sizes if size is not None]
+    for name, size in sizes:
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside {name}'s vocabulary of {size} ids (0..{size - 1}). "
+                "Tokenize the prompt with the target's tokenizer (the draft must share it)."
+            )
+
+
+def input_vocab_size(model) -> int | None:
+    """How many token ids a model embeds (None when it cannot be read)."""
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    if not callable(get_input_embeddings):
+        return None
+    try:
+        size = getattr(get_input_embeddings(), "num_embeddings", None)
+    except (NotImplementedError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+# Knobs that only a mode other than the one requested reads: (knob, modes that read it).
+# greedy (do_sample=False) runs exact rounds only.
+MODE_KNOBS = {
+    "smc_schedule": ("mixed",),
+    "smc_auto_threshold": ("auto",),
+    "smc_resample_threshold": ("smc", "mixed", "auto"),
+    "smc_resample_method": ("smc", "mixed", "auto"),
+}
+
+
+def warn_ineffective_knobs(explicit: set[str], mode: str, greedy: bool) -> None:
+    """One warning for every knob set for a mode this call does not run (as transformers
+    warns about generation flags that have no effect)."""
+    idle = [
+        name for name, modes in MODE_KNOBS.items() if name in explicit and (greedy or mode not in modes)
+    ]
+    if not idle:
+        return
+    what = "do_sample=False (greedy: exact rounds only)" if greedy else f"smc_mode={mode!r}"
+    readers = "; ".join(f"{name} is read by smc_mode {' / '.join(repr(m) for m in MODE_KNOBS[name])}" for name in idle)
+    warnings.warn(
+        f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with {what} ({readers}). "
+        "Remove them or change the mode.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def draft_tokens(kwargs: dict, gamma_set: bool, gamma: int, draft) -> int:
+    """K, draft tokens per round: `smc_gamma`, or else `num_assistant_tokens` as users of
+    transformers' assisted generation set it (a keyword of this call, or the assistant's
+    generation config, where transformers reads it). Pops the keyword."""
+    keyword = kwargs.pop("num_assistant_tokens", None)
+    if keyword is not None:
+        keyword = check_value("num_assistant_tokens", keyword, positive_int, "K, draft tokens per round")
+        if gamma_set and keyword != gamma:
+            raise ValueError(
+                f"smc_gamma={gamma} and num_assistant_tokens={keyword} both set K (draft tokens per round): "
+                "pass one of them."
+            )
+        return keyword
+    if gamma_set:
+        return gamma
+    configured = getattr(getattr(draft, "generation_config", None), "num_assistant_tokens", None)
+    if configured is None or configured == _default_num_assistant_tokens():
+        return gamma  # not set by the user (4.57's config default is 20, 5.x's None)
+    return check_value(
+        "assistant_model.generation_config.num_assistant_tokens",
+        int(configured) if isinstance(configured, float) and configured.is_integer() else configured,
+        positive_int,
+        "K, draft tokens per round; smc_gamma overrides it",
+    )
+
+
+def _default_num_assistant_tokens():
+    from transformers import GenerationConfig
+
+    return GenerationConfig().num_assistant_tokens
 
 
 def as_float_or_none(value):

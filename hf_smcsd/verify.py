@@ -32,8 +32,15 @@ RESIDUAL_EPS = 1e-6
 
 
 def smc_increments(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Per drafted token, `alpha * log p(d) - log q(d)` in float64 (`[rows, k]` in, out)."""
-    return alpha * log_p.double() - log_q.double()
+    """Per drafted token, `alpha * log p(d) - log q(d)` in float64 (`[rows, k]` in, out).
+
+    A token whose target probability is 0 in float32 (`log p` below about -103.3, e.g. every
+    token but the argmax at a temperature near 0) is one the target's sampling never draws:
+    it is outside the target's support and its increment is -inf, as for a token a
+    truncating processor removed. (Finite but astronomically small weights would keep a
+    population alive that holds no token the target could produce.)"""
+    log_p = torch.where(log_p.float().exp() > 0, log_p.double(), float("-inf"))
+    return alpha * log_p - log_q.double()
 
 
 def acceptance_estimate(log_p: torch.Tensor, log_q: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

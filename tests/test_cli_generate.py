@@ -41,3 +41,46 @@ def test_json_for_a_file_of_prompts(tmp_path, capsys):
 def test_bad_knob_is_a_clear_error_without_a_traceback(capsys):
     assert cli.main(["generate", *PAIR, "--prompt", "x", "-N", "0"]) == 2
     assert "error: Invalid smc_particles=0" in capsys.readouterr().err
+
+
+# --- Issue 19: every bad invocation ends in one line and exit status 2; --help imports nothing heavy. ---
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["--target", str(MODELS / "target"), "--draft", "/nonexistent/draft", "--prompt", "x"],
+         "error: cannot load --draft /nonexistent/draft: "),
+        (["--target", "/nonexistent/target", "--draft", str(MODELS / "draft"), "--prompt", "x"],
+         "error: cannot load --target /nonexistent/target: "),
+        ([*PAIR, "--prompts-file", "/nonexistent/prompts.txt"],
+         "error: cannot read --prompts-file /nonexistent/prompts.txt: No such file or directory"),
+    ],
+    ids=["draft", "target", "prompts-file"],
+)
+def test_a_missing_path_is_one_line_and_exit_2(argv, says, capsys):
+    assert cli.main(["generate", *argv]) == 2
+    err = capsys.readouterr().err  # before it: at most transformers' loading progress bar
+    assert says in err.rstrip("\n").split("\n")[-1] and "Traceback" not in err
+
+
+def test_an_empty_prompts_file_is_one_line_and_exit_2(tmp_path, capsys):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    assert cli.main(["generate", *PAIR, "--prompts-file", str(empty)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom hf_smcsd import cli\n"
+        "for argv in (['--help'], ['generate', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "--particles" in done.stdout

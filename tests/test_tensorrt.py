@@ -60,10 +60,12 @@ def test_context_step_packs_prompts_without_padding():
     assert inputs["host_past_key_value_lengths"].tolist() == [3, 4, 1]
     assert inputs["cache_indirection"].shape == (3, 1, 16)
     assert inputs["host_max_attention_window_sizes"].tolist() == [16, 16]
-    assert inputs["spec_decoding_use"].tolist() == [1]  # never switched off: the plugin re-configures on a change
+    # Off in context steps: the plugin prepares its spec-decoding kernels on a generation step
+    # where the flag changes (tests/test_tensorrt_runner.py models it).
+    assert inputs["spec_decoding_use"].tolist() == [0]
     wide = pack_context_step(ids, mask, table, num_layers=2, max_seq_len=16, tokens_per_step=4)
     assert wide["spec_decoding_generation_lengths"].tolist() == [4, 4, 4]
-    assert wide["spec_decoding_packed_mask"].shape == (12, 1) and wide["spec_decoding_use"].tolist() == [1]
+    assert wide["spec_decoding_packed_mask"].shape == (12, 1) and wide["spec_decoding_use"].tolist() == [0]
     assert all(t.dtype == torch.int32 for name, t in inputs.items() if name not in ("host_runtime_perf_knobs", "host_context_progress"))
 
 

@@ -14,7 +14,7 @@ import torch
 from hf_smcsd.engines.manifest import EngineLimits, EngineMismatchError, make_manifest
 from hf_smcsd.resampling import copy_plan
 from hf_smcsd.runners import EagerRunner, Runner
-from hf_smcsd.runners.tensorrt import TensorRTRunner, bind_inputs, causal_packed_mask
+from hf_smcsd.runners.tensorrt import StepBuffers, TensorRTRunner, bind_inputs, causal_packed_mask
 from hf_smcsd.smc import SMCSettings, smc_sample
 
 from conftest import left_pad, random_resample
@@ -59,6 +59,14 @@ class ReferenceEngine:
         self.dtypes = {name: torch.int64 if name in INT64_INPUTS else torch.int32 for name in self.input_names}
         self.pools = {}  # data_ptr -> tensor, registered by the test
         self.calls = []
+        self.extra_inputs = {}  # bound as made (EngineSession: all_reduce_workspace)
+        self.buffers = None  # StepBuffers, as EngineSession binds with them
+        self.logits_buffer = StepBuffers([], {}, "cpu")  # like the session, logits go to one kept buffer
+        self.compute_capability = None  # (major, minor) of the GPU; None: not a GPU (no check)
+        self.narrow_ok = False  # takes steps narrower than the built width (gpu-check's narrow comparison)
+        # The attention plugin's spec-decoding state: the flag starts off; the XQA kernels for
+        # multi-token steps are prepared on a generation step where the flag changes.
+        self.spec_flag, self.xqa_prepared = False, False
 
     def attach(self, runner):
         self.pools[runner.pool.data_ptr()] = runner.pool
@@ -66,13 +74,17 @@ class ReferenceEngine:
 
     def check_binding(self, inputs):
         """Bind as EngineSession.run does, then fail where the plugin would."""
-        bound = bind_inputs(inputs, self.input_names, self.dtypes, STAND_IN_DEVICE)
+        if self.buffers is None:
+            self.buffers = StepBuffers(self.input_names, self.dtypes, STAND_IN_DEVICE, fixed=self.extra_inputs)
+        bound = self.buffers.bind(inputs)
         for name, tensor in bound.items():
-            if name in HOST_READ:
+            if name in self.extra_inputs:
+                assert tensor is self.extra_inputs[name], f"{name} must be bound as it was allocated"
+            elif name in HOST_READ:
                 assert tensor.device.type == "cpu", f"the plugin reads {name} on the host; it was bound on {tensor.device}"
             else:
                 assert tensor.device == STAND_IN_DEVICE, f"{name} must be on the engine's device, not {tensor.device}"
-        return {name: inputs[name] for name in self.input_names}
+        return {name: inputs[name] if name in inputs else bound[name] for name in self.input_names}
 
     @torch.no_grad()
     def run(self, inputs):
@@ -93,11 +105,20 @@ class ReferenceEngine:
         past = inputs["host_past_key_value_lengths"].long()
         assert inputs["cache_indirection"].shape == (rows, 1, self.max_seq_len)
         width = self.tokens_per_step
-        if width > 1:  # the built width in every step, spec decoding always on (never switched)
-            assert inputs["spec_decoding_use"].tolist() == [1]
-            assert bool((inputs["spec_decoding_generation_lengths"] == width).all())
-            assert torch.equal(inputs["spec_decoding_position_offsets"], torch.arange(width, dtype=torch.int32).expand(rows, width))
-            assert torch.equal(inputs["spec_decoding_packed_mask"], causal_packed_mask(width).repeat(rows, 1))
+        if width > 1:  # the built width (or a narrower one where narrow_ok), a causal chain
+            step = inputs["spec_decoding_position_offsets"].shape[1]
+            assert step == width or (self.narrow_ok and step < width), f"a {step}-wide spec step on a {width}-wide engine"
+            assert bool((inputs["spec_decoding_generation_lengths"] == step).all())
+            assert torch.equal(inputs["spec_decoding_position_offsets"], torch.arange(step, dtype=torch.int32).expand(rows, step))
+            assert torch.equal(inputs["spec_decoding_packed_mask"], causal_packed_mask(step).repeat(rows, 1))
+            use = bool(inputs["spec_decoding_use"].item())
+            generation = bool((request == 1).all())
+            if generation and use != self.spec_flag:
+                self.xqa_prepared = use
+            self.spec_flag = use
+            if generation and not (use and self.xqa_prepared):
+                raise RuntimeError("No available XQA kernels are found for speculative decoding mode "
+                                   f"(spec_decoding_use={int(use)}, flag first set outside a generation step)")
         if bool((request == 0).all()):  # context step
             counts = inputs["host_context_lengths"].long()
             # The KV length after the step, as both TensorRT-LLM runtimes pass it.
@@ -107,7 +128,7 @@ class ReferenceEngine:
         else:
             assert bool((request == 1).all())
             k = inputs["input_ids"].numel() // rows
-            assert k == width, f"a {k}-token step on an engine built for {width}"
+            assert k == width or (self.narrow_ok and k < width), f"a {k}-token step on an engine built for {width}"
             counts = torch.full((rows,), k)
             assert torch.equal(inputs["sequence_length"].long(), past + k)
             positions = (past.unsqueeze(1) + torch.arange(k)).flatten()
@@ -147,7 +168,9 @@ class ReferenceEngine:
         logits = self.model.lm_head(model.norm(hidden))[0]
         selected = logits[inputs["last_token_ids"].long() - 1]
         padded = torch.cat([selected, torch.full((selected.shape[0], PAD_VOCAB), 1e4)], dim=1)
-        return {"logits": padded}
+        out = self.logits_buffer.output("logits", tuple(padded.shape), padded.dtype)  # overwritten next step
+        out.copy_(padded)
+        return {"logits": out}
 
 
 def manifest_for(engine, role="target"):
@@ -282,18 +305,156 @@ def test_one_token_engine_runs_without_spec_inputs(pair):
 def test_host_inputs_are_bound_on_the_cpu_by_name():
     from hf_smcsd.runners.tensorrt import bound_on_host
 
-    names = ["input_ids", "host_request_types", "spec_decoding_use", "spec_decoding_packed_mask", "all_reduce_workspace",
+    names = ["input_ids", "host_request_types", "spec_decoding_use", "spec_decoding_packed_mask",
              "kv_cache_block_offsets", "host_kv_cache_block_offsets", "host_kv_cache_pool_pointers"]
     inputs = {name: torch.zeros(2, dtype=torch.int32) for name in names}
-    dtypes = {name: torch.int64 if name in ("all_reduce_workspace", "host_kv_cache_pool_pointers") else torch.int32
-              for name in names}
+    dtypes = {name: torch.int64 if name == "host_kv_cache_pool_pointers" else torch.int32 for name in names}
     bound = bind_inputs(inputs, names, dtypes, STAND_IN_DEVICE)
     on_cpu = {name for name, tensor in bound.items() if tensor.device.type == "cpu"}
-    assert on_cpu == {"host_request_types", "spec_decoding_use", "all_reduce_workspace", "host_kv_cache_block_offsets",
+    assert on_cpu == {"host_request_types", "spec_decoding_use", "host_kv_cache_block_offsets",
                       "host_kv_cache_pool_pointers"}
-    assert bound["all_reduce_workspace"].dtype == torch.int64 and all(bound_on_host(n) for n in on_cpu)
+    assert bound["host_kv_cache_pool_pointers"].dtype == torch.int64 and all(bound_on_host(n) for n in on_cpu)
     with pytest.raises(EngineMismatchError, match="expects inputs the runner does not make: \\['medusa_logits'\\]"):
         bind_inputs(inputs, names + ["medusa_logits"], dtypes, STAND_IN_DEVICE)
+
+
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_all_reduce_workspace_is_bound_where_it_was_allocated(pair, where):
+    """`allocate_workspace` returns the all-reduce workspace on the CPU (1.2) or on the device
+    (older releases); GenerationSession binds it as returned, and so must the runner: the
+    stand-in checks the very tensor arrives, through a whole prefill and extend."""
+    runner, engine = make_runner(pair[0])
+    workspace = torch.zeros(6, dtype=torch.int64, device=where)
+    engine.input_names.append("all_reduce_workspace")
+    engine.dtypes["all_reduce_workspace"] = torch.int64
+    engine.extra_inputs["all_reduce_workspace"] = workspace
+    ids, mask = left_pad(PROMPTS[:2])
+    runner.prefill(ids, mask, 2)
+    runner.extend(torch.tensor([[1, 2, 3, 4]] * 4))
+    assert [call[0] for call in engine.calls] == ["context", "generation"]  # each bound the workspace itself
+    from hf_smcsd.runners.tensorrt import bound_on_host
+
+    assert not bound_on_host("all_reduce_workspace")  # not moved to the CPU by its name
+
+
+def test_context_steps_send_spec_decoding_off(pair):
+    """The plugin prepares its spec-decoding XQA kernels on a generation step where
+    `spec_decoding_use` changes; a flag first set in the prefill leaves the first verify step
+    without a kernel (the stand-in raises as the plugin fails). Context steps send 0, so every
+    first generation step after a prefill switches the flag on - including after a second
+    prefill in the same runner."""
+    runner, engine = make_runner(pair[0])
+    ids, mask = left_pad(PROMPTS[:2])
+    for _ in range(2):
+        runner.prefill(ids, mask, 2)
+        assert engine.spec_flag is False
+        runner.extend(torch.tensor([[1, 2, 3, 4]] * 4))
+        assert engine.spec_flag is True and engine.xqa_prepared
+
+
+def test_device_inputs_are_copied_only_when_they_change(pair):
+    """Device inputs live in buffers kept across steps; a step copies only inputs whose value
+    changed. Same-shape generation steps repeat the spec-decoding tensors, the last-token ids
+    and the context lengths: each is copied once for the steps, not once per step."""
+    runner, engine = make_runner(pair[0])
+    ids, mask = left_pad(PROMPTS[:2])
+    runner.prefill(ids, mask, 2)
+    before = dict(engine.buffers.copies)
+    for step in range(3):
+        runner.extend(torch.tensor([[step, 2, 3, 4]] * 4))
+    copies = {name: engine.buffers.copies.get(name, 0) - before.get(name, 0) for name in engine.buffers.copies}
+    assert copies["input_ids"] == 3 and copies["position_ids"] == 3 and copies["sequence_length"] == 3
+    for name in ("spec_decoding_generation_lengths", "spec_decoding_position_offsets", "spec_decoding_packed_mask",
+                 "last_token_ids", "context_lengths"):
+        assert copies[name] <= 1, (name, copies[name])
+
+
+def test_step_buffers_always_bind_the_current_values():
+    """The kept buffers never serve a stale value: random inputs, often repeated, sometimes
+    longer or shorter, bound on the CPU as the "device" so the values can be read back."""
+    gen = torch.Generator().manual_seed(0)
+    buffers = StepBuffers(["a", "host_b"], {"a": torch.int32, "host_b": torch.int32}, "cpu")
+    previous = None
+    for _ in range(200):
+        if previous is not None and torch.rand(1, generator=gen) < 0.5:
+            value = previous.clone()
+        else:
+            length = int(torch.randint(1, 9, (1,), generator=gen))
+            value = torch.randint(0, 3, (length,), generator=gen)
+        bound = buffers.bind({"a": value, "host_b": value})
+        assert torch.equal(bound["a"], value.to(torch.int32)) and bound["a"].data_ptr() != value.data_ptr()
+        previous = value
+    assert buffers.copies["a"] < 200
+
+
+def test_runner_copies_logits_out_of_the_reused_output_buffer(pair):
+    """The session's logits buffer is overwritten by the next step; the stand-in reuses one
+    too, so logits kept across the steps of one extend (and the prefill's groups) would be
+    clobbered. They match a recompute."""
+    model = pair[0]
+    runner, _ = make_runner(model, max_num_tokens=8)  # several calls per prefill and per step
+    ids, mask = left_pad(PROMPTS)
+    first = runner.prefill(ids, mask, 1)
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(first[row], fresh_logits(model, prompt)[-1], atol=1e-4, rtol=1e-4)
+    logits = runner.extend(torch.tensor([[1, 2, 3, 4, 5, 6]] * 3))  # two steps, rows split over calls
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(logits[row], fresh_logits(model, prompt + [1, 2, 3, 4, 5, 6])[-6:], atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("capability,tokens_per_step,refused", [((7, 5), 4, True), ((7, 0), 2, True),
+                                                                 ((7, 5), 1, False), ((8, 0), 4, False),
+                                                                 ((9, 0), 4, False)])
+def test_gpus_older_than_ampere_are_refused_before_a_verify_step(pair, capability, tokens_per_step, refused):
+    engine = ReferenceEngine(pair[0], tokens_per_step=tokens_per_step)
+    engine.compute_capability, engine.device_name = capability, "Tesla T4"
+    if refused:
+        with pytest.raises(EngineMismatchError, match=f"(?s)Tesla T4 has compute capability {capability[0]}\\."
+                                                      f"{capability[1]}.*XQA.*8\\.0 or newer"):
+            TensorRTRunner(engine, manifest_for(engine), num_blocks=64)
+        assert engine.calls == []
+    else:
+        TensorRTRunner(engine, manifest_for(engine), num_blocks=64)
+
+
+@pytest.mark.parametrize("model_fields,refused", [({"sliding_window": 32}, True),
+                                                  ({"sliding_window": 32, "use_sliding_window": False}, False),
+                                                  ({"sliding_window": 96}, False), ({"sliding_window": None}, False)])
+def test_sliding_windows_shorter_than_the_engine_rows_are_refused(pair, model_fields, refused):
+    """The engine attends to whole rows (`host_max_attention_window_sizes = max_seq_len`): a
+    model whose window is shorter would get different logits once a row outgrows it."""
+    from hf_smcsd.engines.manifest import check_manifest
+
+    engine = ReferenceEngine(pair[0])  # max_seq_len 96
+    manifest = manifest_for(engine)
+    manifest["model"].update(model_fields)
+    if refused:
+        with pytest.raises(EngineMismatchError, match="sliding_window=32.*rows of up to 96 tokens"):
+            TensorRTRunner(engine, manifest, num_blocks=64)
+        assert any("sliding_window=32" in problem for problem in check_manifest(manifest))
+    else:
+        TensorRTRunner(engine, manifest, num_blocks=64)
+        assert check_manifest(manifest) == []
+
+
+def test_narrow_steps_match_built_width_steps(pair):
+    """`narrow_steps=True` (off by default, unverified on a GPU) sends a k < W request as one
+    k-wide step; against an engine that takes narrow steps it gives the logits of the
+    filled-up built-width steps."""
+    model = pair[0]
+    ids, mask = left_pad(PROMPTS[:2])
+    results = {}
+    for narrow in (False, True):
+        runner, engine = make_runner(model)
+        engine.narrow_ok = narrow
+        runner.narrow_steps = narrow
+        runner.prefill(ids, mask, 2)
+        results[narrow] = [runner.extend(torch.tensor([[7, 8, 9, 10, 11][:width]] * 4)) for width in (1, 2, 5)]
+        widths = [call[2] for call in engine.calls if call[0] == "generation"]
+        assert widths == ([1, 2, 4, 1] if narrow else [4, 4, 4, 4])
+    for built, narrow in zip(results[False], results[True]):
+        torch.testing.assert_close(narrow, built, atol=1e-4, rtol=1e-4)
 
 
 def test_stand_in_refuses_host_inputs_bound_on_the_device(pair):
@@ -318,6 +479,7 @@ def stand_in_trt_model(model, tokens_per_step):
     from hf_smcsd.runners.tensorrt import TRTModel
 
     engine = ReferenceEngine(model, max_batch_size=8, tokens_per_step=tokens_per_step)
+    engine.narrow_ok = True  # for gpu-check's narrow-step comparison (the runner's default stays built width)
     manifest = manifest_for(engine, role="target" if tokens_per_step > 2 else "draft")
     factory = lambda: engine.attach(TensorRTRunner(engine, manifest, num_blocks=64))  # noqa: E731
     return TRTModel(factory, model.config, model.generation_config, "/nowhere", manifest)
@@ -332,13 +494,13 @@ def gpu_check_context():
                              device="cpu")
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_gpu_check_checks_pass_against_the_stand_in(gpu_check_context, index):
     """The GPU check's own logic, run here with stand-in engines in float32: a failure on
     the GPU then points at the engines, not at the check."""
     from hf_smcsd.engines import gpu_check
 
-    name, check = gpu_check.CHECKS[index]
+    name, check = (gpu_check.CHECKS + gpu_check.UNVERIFIED_CHECKS)[index]
     assert check(gpu_check_context), name
 
 
@@ -352,8 +514,15 @@ def test_gpu_check_report(gpu_check_context, monkeypatch, capsys):
     code = gpu_check.main([])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.count("PASS  ") == len(gpu_check.CHECKS) + 1
-    assert "FAIL  " not in out
+    assert out.count("PASS  ") == len(gpu_check.CHECKS) + 1 + len(gpu_check.UNVERIFIED_CHECKS)
+    assert "FAIL  " not in out and "PASS  UNVERIFIED narrow steps" in out.split("not counted")[1]
+
+    def narrow_fails(ctx):
+        raise AssertionError("narrow step differs")
+
+    monkeypatch.setattr(gpu_check, "UNVERIFIED_CHECKS", (("UNVERIFIED narrow", narrow_fails),))
+    assert gpu_check.main([]) == 0  # not counted
+    assert "FAIL  UNVERIFIED narrow: AssertionError: narrow step differs" in capsys.readouterr().out
 
     def failed_build(root):
         raise SystemExit("trtllm-build: error")

@@ -123,3 +123,13 @@ def test_smc_increments_and_acceptance_estimate():
     counted = torch.tensor([[True, True], [False, False]])
     est = verify.acceptance_estimate(log_p, log_q, counted)
     assert math.isclose(float(est[0]), (1.0 + 0.5) / 2, rel_tol=1e-6) and math.isnan(float(est[1]))
+
+
+def test_a_token_the_targets_float32_sampling_never_draws_is_outside_the_support():
+    """Issue 19: p(d) = 0 in float32 (log p below about -103.3) is weight 0, not a tiny weight
+    that keeps a population of impossible tokens alive; -100 is still inside."""
+    log_p = torch.tensor([[-200.0, -100.0, -1.0]])
+    log_q = torch.tensor([[-1.0, -1.0, -1.0]])
+    increments = verify.smc_increments(log_p, log_q)
+    assert torch.isneginf(increments[0, 0])
+    assert torch.equal(increments[0, 1:], torch.tensor([-99.0, 0.0], dtype=torch.float64))

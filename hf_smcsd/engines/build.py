@@ -52,7 +52,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import TRTLLM_PIN, EngineLimits, make_manifest, write_manifest, xqa_problems
+from .manifest import TRTLLM_PIN, EngineLimits, make_manifest, sliding_window_problem, write_manifest, xqa_problems
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -166,6 +166,8 @@ def read_source_config(path: Path) -> dict | None:
         "num_key_value_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
         "hidden_size": config.get("hidden_size"),
         "head_dim": config.get("head_dim"),
+        "sliding_window": config.get("sliding_window"),
+        "use_sliding_window": config.get("use_sliding_window"),
     }
 
 
@@ -204,6 +206,9 @@ def plan_builds(args: argparse.Namespace) -> list[EnginePlan]:
             )
         elif model["num_key_value_heads"] and model["num_key_value_heads"] % tp and tp % model["num_key_value_heads"]:
             raise SystemExit(f"{source} has {model['num_key_value_heads']} KV heads, which tp={tp} cannot split.")
+        window = sliding_window_problem(model, max_seq_len)
+        if window:
+            raise SystemExit(f"The {role} engine ({source}): {window}")
         heads, hidden = (model or {}).get("num_attention_heads"), (model or {}).get("hidden_size")
         problems = xqa_problems(
             dtype=args.dtype, num_heads=heads, num_kv_heads=(model or {}).get("num_key_value_heads"),

@@ -107,6 +107,44 @@ def xqa_problems(*, dtype: str, num_heads: int | None, num_kv_heads: int | None,
     return problems
 
 
+XQA_MIN_COMPUTE_CAPABILITY = (8, 0)  # the HMMA kernels a bf16/fp16 KV cache runs on (kernelUtils.cpp)
+
+
+def xqa_device_problem(capability: tuple[int, int] | None, *, tokens_per_step: int, gpu: str = "this GPU") -> str | None:
+    """Why `gpu` (compute capability `capability`) cannot run steps of `tokens_per_step` tokens
+    per row (None: it can, or nothing to check). Verify steps run on XQA only, and XQA's kernels
+    for a float16/bfloat16 KV cache need compute capability 8.0 (Ampere) or newer; an older GPU
+    would fail inside the attention plugin at the first verify step."""
+    if tokens_per_step <= 1 or capability is None:
+        return None
+    capability = (int(capability[0]), int(capability[1]))
+    if capability >= XQA_MIN_COMPUTE_CAPABILITY:
+        return None
+    major, minor = XQA_MIN_COMPUTE_CAPABILITY
+    return (f"{gpu} has compute capability {capability[0]}.{capability[1]}; an engine that verifies "
+            f"{tokens_per_step} tokens per row per step runs TensorRT-LLM's XQA kernels, which need {major}.{minor} or "
+            "newer (A100, L4, H100, ...). Use such a GPU, or the PyTorch runners (a transformers target) here.")
+
+
+def sliding_window_problem(model: dict | None, max_seq_len: int) -> str | None:
+    """Why an engine built for rows of `max_seq_len` tokens would compute wrong logits for a
+    model with sliding-window attention (None: it would not). The runner passes
+    `host_max_attention_window_sizes = max_seq_len` on every layer, so the engine attends to
+    the whole row: a model trained with a shorter window (Mistral's 4096) would see more
+    context than it was trained on as soon as a row outgrows its window. `model` holds the
+    checkpoint config's `sliding_window` and `use_sliding_window` (Qwen2 has a window it
+    does not use)."""
+    window = (model or {}).get("sliding_window")
+    if not window or (model or {}).get("use_sliding_window") is False:
+        return None
+    if int(window) >= int(max_seq_len):
+        return None  # no row ever outgrows the window: full attention is the same thing
+    return (f"the model uses sliding-window attention (sliding_window={window}) but the engine holds rows of up to "
+            f"{max_seq_len} tokens and attends to all of them, which gives different logits once a row is longer "
+            f"than {window} tokens: rebuild with --max-input-len + --max-output-len <= {window}, or use the "
+            "PyTorch runners (EagerRunner / StaticRunner) for this model.")
+
+
 def manifest_xqa_problems(manifest: dict) -> list[str]:
     model = manifest.get("model") or {}
     heads = model.get("num_attention_heads")
@@ -248,6 +286,9 @@ def check_manifest(
             f"--max-output-len {max_new_tokens} (and --max-input-len >= {max_prompt_len})."
         )
     problems += [f"{name}: {problem}" for problem in manifest_xqa_problems(manifest)]
+    window = sliding_window_problem(manifest.get("model"), limits.max_seq_len)
+    if window:
+        problems.append(f"{name}: {window}")
     tp = int(manifest["tp_size"])
     if world_size is not None and tp > 1 and world_size != tp:
         problems.append(

@@ -52,6 +52,12 @@ class EagerRunner:
         self._takes_position_ids = "position_ids" in parameters
         self._takes_logits_to_keep = "logits_to_keep" in parameters
         self._sliding_window = compat.sliding_window(model)
+        # Learned position tables (GPT-2, OPT) end at a fixed position. A round drafts K for
+        # the group with the most budget left, so rows of other groups are fed past their own
+        # budget; their tokens there are never kept (the loop counts only a row's budget), and
+        # generate() refuses requests whose kept tokens would not fit. Those rows are fed the
+        # last position the table holds instead of one it does not.
+        self._position_limit = compat.learned_position_limit(model)
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [rows, cached length]
         self.next_position: torch.Tensor | None = None  # [rows], position id of the next token
@@ -86,6 +92,8 @@ class EagerRunner:
         new = torch.ones(rows, k, dtype=self.attention_mask.dtype, device=self.input_device)
         self.attention_mask = torch.cat([self.attention_mask, new], dim=1)
         positions = self.next_position.unsqueeze(1) + torch.arange(k, device=self.input_device)
+        if self._position_limit is not None:
+            positions = positions.clamp(max=self._position_limit - 1)
         logits = self._forward(tokens.to(self.input_device), self.attention_mask, positions, keep=k)
         self.next_position = self.next_position + k
         return logits.to(tokens.device)

@@ -571,6 +571,9 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def _check_llama_like(model) -> None:
+    from ..distributed import refuse_tp
+
+    refuse_tp(model, "PagedRunner")
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     needed = ("embed_tokens", "norm", "rotary_emb")

@@ -367,6 +367,7 @@ class _ForwardSpec(NamedTuple):
     takes_position_ids: bool
     takes_cache_position: bool
     takes_logits_to_keep: bool
+    position_limit: int | None  # learned position tables: see EagerRunner
 
     @classmethod
     def of(cls, model, config) -> _ForwardSpec:
@@ -381,6 +382,7 @@ class _ForwardSpec(NamedTuple):
             takes_position_ids="position_ids" in parameters,
             takes_cache_position="cache_position" in parameters,  # 4.57: spares a get_seq_length()
             takes_logits_to_keep="logits_to_keep" in parameters,
+            position_limit=compat.learned_position_limit(model),
         )
 
 
@@ -390,6 +392,8 @@ def _step(spec: _ForwardSpec, model, cache: SlotCache, input_ids, start, last_on
     runner's state as arguments, so that every runner of a model shares its compiled code."""
     slots, kv = cache.slots, cache.kv_index
     positions = (slots - start.unsqueeze(1)).clamp(min=0)
+    if spec.position_limit is not None:  # rows fed past their budget (see EagerRunner)
+        positions = positions.clamp(max=spec.position_limit - 1)
     query = slots.unsqueeze(2)  # [rows, k, 1]
     allowed = (kv >= start[:, None, None]) & (kv <= query)
     blocked = torch.finfo(spec.mask_dtype).min

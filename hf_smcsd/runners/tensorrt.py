@@ -23,14 +23,23 @@ between sequences, so the runner owns everything and calls the engine through
   engine's built width W = D+1 tokens per row (`--speculative_decoding_mode
   lookahead_decoding --max_draft_len D`): `spec_decoding_generation_lengths = W`,
   `spec_decoding_position_offsets = arange(W)`, a causal `spec_decoding_packed_mask`,
-  `spec_decoding_use = [1]` in every step, `sequence_length = past + W`,
+  `spec_decoding_use = [1]` (context steps send `[0]`: the attention plugin prepares its
+  spec-decoding XQA kernels on a generation step where the flag changes, so the flag must not
+  first turn on in a prefill), `sequence_length = past + W`,
   `host_past_key_value_lengths = past` (per row: rows may differ in length after a
   rollback), one `position_ids` entry per token, and `last_token_ids = 1 .. rows*W` so the
   engine returns logits for every new position. A shorter request is filled up to W and
   the filler forgotten (see `TensorRTRunner.extend`);
-- host inputs (`host_*`, `spec_decoding_use`, `all_reduce_workspace`) are bound as CPU
-  tensors by name, as TensorRT-LLM's runtimes do (`bind_inputs`); every engine input is
-  declared on the device, so the engine's tensor locations cannot tell.
+- host inputs (`host_*`, `spec_decoding_use`) are bound as CPU tensors by name, as
+  TensorRT-LLM's runtimes do (`StepBuffers`); every engine input is declared on the device, so
+  the engine's tensor locations cannot tell. `all_reduce_workspace` is bound where
+  `allocate_workspace` put it (a CPU tensor in 1.2's plugin.py, a CUDA one in older versions),
+  as `GenerationSession` does. Device inputs live in buffers kept across steps and are copied
+  only when their value changed; the logits go to a buffer kept too, and a step does not
+  synchronise (the runner consumes the logits on the same stream before the next step);
+- an engine that verifies several tokens per row needs compute capability >= 8.0 (XQA), and
+  a model with a sliding window shorter than the engine's rows is refused (the engine attends
+  to whole rows): both when the runner is made, before any step.
 
 Tensor parallelism: engines built with tp > 1 run under `mpirun -n tp`; every rank runs the
 whole SMC loop on its own GPU with its shard of the target (a tp=1 draft is replicated).
@@ -84,9 +93,12 @@ import torch
 from ..engines.manifest import (
     EngineMismatchError,
     check_manifest,
+    limits_of,
     read_manifest,
     rebuild_hint,
     require_fits,
+    sliding_window_problem,
+    xqa_device_problem,
     xqa_problems,
 )
 from ..resampling import CopyPlan
@@ -124,10 +136,12 @@ def kv_block_offsets(table: torch.Tensor, num_layers: int) -> torch.Tensor:
 # (`get_tensor_location` says DEVICE for all of them); TensorRT-LLM's runtimes choose by name:
 # `host_*` inputs and `spec_decoding_use` (runtime/generation.py `_get_context_shape_buffer`,
 # `_get_next_step_shape_buffer`, `_init_medusa`; cpp/tensorrt_llm/runtime/lookaheadBuffers.cpp,
-# eagleBuffers.cpp: `useSpecDecoding = ...cpu(...)`) and `all_reduce_workspace`
-# (plugin/plugin.py `CustomAllReduceHelper.allocate_workspace` returns it with device="cpu").
-# The attention plugin dereferences the request types and `spec_decoding_use` on the host.
-HOST_INPUTS = ("spec_decoding_use", "all_reduce_workspace")
+# eagleBuffers.cpp: `useSpecDecoding = ...cpu(...)`). The attention plugin dereferences the
+# request types and `spec_decoding_use` on the host. `all_reduce_workspace` is not chosen by
+# name: `CustomAllReduceHelper.allocate_workspace` returns it on the CPU in 1.2 and on the
+# device in older releases, and GenerationSession binds it wherever it was returned
+# (`StepBuffers(fixed=...)`).
+HOST_INPUTS = ("spec_decoding_use",)
 
 
 def bound_on_host(name: str) -> bool:
@@ -137,16 +151,71 @@ def bound_on_host(name: str) -> bool:
 def bind_inputs(inputs: dict[str, torch.Tensor], input_names: list[str], dtypes: dict[str, torch.dtype],
                 device: torch.device) -> dict[str, torch.Tensor]:
     """The tensors an engine step is given: every engine input, in the engine's dtype, on the
-    CPU when TensorRT-LLM binds it there (`bound_on_host`), otherwise on `device`."""
-    missing = [name for name in input_names if name not in inputs]
-    if missing:
-        raise EngineMismatchError(
-            f"The engine expects inputs the runner does not make: {missing}. It was not built by "
-            "`hf-smcsd build-engines` for TensorRT-LLM 1.2; rebuild it."
-        )
-    cpu = torch.device("cpu")
-    return {name: inputs[name].to(device=cpu if bound_on_host(name) else device, dtype=dtypes[name]).contiguous()
-            for name in input_names}
+    CPU when TensorRT-LLM binds it there (`bound_on_host`), otherwise on `device` (freshly
+    copied each time; `StepBuffers` keeps device buffers across steps)."""
+    return StepBuffers(input_names, dtypes, device).bind(inputs)
+
+
+class StepBuffers:
+    """The tensors bound to one engine's inputs and outputs, kept from step to step.
+
+    Host inputs (`bound_on_host`) are bound as the CPU tensors they are. Each device input
+    has a buffer on `device`, grown to the largest step seen, and is copied from the host only
+    when its value differs from what the buffer already holds (the spec-decoding tensors, the
+    last-token ids and the context lengths rarely change between steps). `fixed` inputs
+    (`all_reduce_workspace`) are bound as given, on whatever device they were made. Output
+    buffers are kept too: what `output()` returns is overwritten by the next step, so a caller
+    copies what it keeps before it runs another step (on the same stream: no synchronisation
+    needed). `copies` counts the host-to-device copies per input name."""
+
+    def __init__(self, input_names: list[str], dtypes: dict[str, torch.dtype], device: torch.device | str,
+                 fixed: dict[str, torch.Tensor] | None = None):
+        self.input_names, self.dtypes, self.device = list(input_names), dict(dtypes), torch.device(device)
+        self.fixed = dict(fixed or {})
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._held: dict[str, torch.Tensor] = {}  # host copy of what each device buffer holds
+        self._outputs: dict[str, torch.Tensor] = {}
+        self.copies: dict[str, int] = {}
+
+    def bind(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [name for name in self.input_names if name not in inputs and name not in self.fixed]
+        if missing:
+            raise EngineMismatchError(
+                f"The engine expects inputs the runner does not make: {missing}. It was not built by "
+                "`hf-smcsd build-engines` for TensorRT-LLM 1.2; rebuild it."
+            )
+        bound = {}
+        for name in self.input_names:
+            dtype = self.dtypes[name]
+            if name in self.fixed:
+                bound[name] = self.fixed[name]
+            elif bound_on_host(name):
+                bound[name] = inputs[name].to(device="cpu", dtype=dtype).contiguous()
+            elif inputs[name].device.type != "cpu" and inputs[name].device == self.device:  # the cache indirection
+                bound[name] = inputs[name].to(dtype=dtype).contiguous()
+            else:
+                bound[name] = self._on_device(name, inputs[name].detach().to(device="cpu", dtype=dtype).contiguous())
+        return bound
+
+    def _on_device(self, name: str, host: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < host.numel():
+            buffer = self._buffers[name] = torch.empty(max(1, host.numel()), dtype=host.dtype, device=self.device)
+            self._held.pop(name, None)
+        view = buffer[: host.numel()].view(host.shape)
+        held = self._held.get(name)
+        if held is None or held.shape != host.shape or not torch.equal(held, host):
+            view.copy_(host)
+            self._held[name] = host.clone()  # the caller may reuse its tensor
+            self.copies[name] = self.copies.get(name, 0) + 1
+        return view
+
+    def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape)
+        buffer = self._outputs.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = self._outputs[name] = torch.empty(max(1, size), dtype=dtype, device=self.device)
+        return buffer[:size].view(shape)
 
 
 def _common_inputs(rows: int, table: torch.Tensor, num_layers: int, max_seq_len: int) -> dict[str, torch.Tensor]:
@@ -164,17 +233,19 @@ def _common_inputs(rows: int, table: torch.Tensor, num_layers: int, max_seq_len:
     }
 
 
-def _spec_inputs(rows: int, width: int) -> dict[str, torch.Tensor]:
-    """The `spec_decoding_*` inputs for steps of `width` tokens per row. Always the engine's
-    built width, and `spec_decoding_use = [1]` in every step, context steps included, as
-    GenerationSession keeps its Medusa buffers and the C++ lookahead runtime its
-    `useSpecDecoding`: the plugin re-configures itself whenever the flag changes, and whether
-    it takes narrower steps than it was built for is not established (see TensorRTRunner.extend)."""
+def _spec_inputs(rows: int, width: int, use: bool) -> dict[str, torch.Tensor]:
+    """The `spec_decoding_*` inputs for steps of `width` tokens per row (the engine's built
+    width unless TensorRTRunner.narrow_steps). `spec_decoding_use` is 1 on generation steps and
+    0 on context steps: TensorRT-LLM 1.2's attention plugin starts with the flag off and
+    prepares its spec-decoding XQA kernels only on a generation step where the flag changes
+    (the C++ lookahead runtime's `disableLookaheadDecoding` sends 0 the same way); a flag first
+    set in a prefill can leave the first verify step without a kernel when TensorRT does not
+    re-run `configurePlugin` between the two steps."""
     return {
         "spec_decoding_generation_lengths": torch.full((rows,), width, dtype=torch.int32),
         "spec_decoding_position_offsets": torch.arange(width, dtype=torch.int32).expand(rows, width).contiguous(),
         "spec_decoding_packed_mask": causal_packed_mask(width).repeat(rows, 1),
-        "spec_decoding_use": torch.ones(1, dtype=torch.int32),
+        "spec_decoding_use": torch.full((1,), int(use), dtype=torch.int32),
     }
 
 
@@ -200,14 +271,14 @@ def pack_context_step(input_ids: torch.Tensor, attention_mask: torch.Tensor, tab
         "host_request_types": torch.zeros(rows, dtype=torch.int32),
     }
     inputs.update(_common_inputs(rows, table, num_layers, max_seq_len))
-    inputs.update(_spec_inputs(rows, tokens_per_step))
+    inputs.update(_spec_inputs(rows, tokens_per_step, use=False))
     return inputs
 
 
 def pack_generation_step(tokens: torch.Tensor, past_lengths: torch.Tensor, prompt_lengths: torch.Tensor,
                          table: torch.Tensor, *, num_layers: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     """Inputs of a generation step adding `k` tokens to every row (`tokens` `[rows, k]`, k the
-    engine's built width).
+    engine's built width, or less with TensorRTRunner.narrow_steps).
 
     Row r holds `past_lengths[r]` tokens (rows may differ); its new ones take positions
     `past[r] .. past[r]+k-1`; `last_token_ids = 1 .. rows*k` returns logits for every one of
@@ -228,7 +299,7 @@ def pack_generation_step(tokens: torch.Tensor, past_lengths: torch.Tensor, promp
         "host_request_types": torch.ones(rows, dtype=torch.int32),
     }
     inputs.update(_common_inputs(rows, table, num_layers, max_seq_len))
-    inputs.update(_spec_inputs(rows, k))
+    inputs.update(_spec_inputs(rows, k, use=True))
     return inputs
 
 
@@ -355,6 +426,8 @@ class EngineSession:
         self.engine_rank = engine_rank(tp, world())  # a tp=1 engine is replicated on every rank
         self.device = torch.device("cuda", local_rank() % torch.cuda.device_count())
         torch.cuda.set_device(self.device)
+        self.compute_capability = torch.cuda.get_device_capability(self.device)  # checked by TensorRTRunner
+        self.device_name = torch.cuda.get_device_name(self.device)
         engine = Engine.from_dir(str(engine_dir), self.engine_rank)
         self.session = Session.from_serialized_engine(engine.engine)
         pretrained, build = engine.config.pretrained_config, engine.config.build_config
@@ -404,18 +477,20 @@ class EngineSession:
             mapping = pretrained.mapping
             self._ipc_buffers, workspace = CustomAllReduceHelper.allocate_workspace(
                 mapping, CustomAllReduceHelper.max_workspace_size_auto(mapping.tp_size))
-            self.extra_inputs["all_reduce_workspace"] = workspace
+            self.extra_inputs["all_reduce_workspace"] = workspace  # bound where it was made
+        self.buffers = StepBuffers(self.input_names, self.dtypes, self.device, fixed=self.extra_inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        bound = bind_inputs({**self.extra_inputs, **inputs}, self.input_names, self.dtypes, self.device)
+        """One engine step. The returned logits live in a buffer the next step overwrites; no
+        synchronisation here: the runner copies them out on the same stream first."""
+        bound = self.buffers.bind(inputs)
         infos = self.session.infer_shapes(
             [self._TensorInfo(name, self._to_trt(t.dtype), tuple(t.shape)) for name, t in bound.items()])
-        outputs = {info.name: torch.empty(tuple(info.shape), dtype=self._to_torch(info.dtype), device=self.device)
+        outputs = {info.name: self.buffers.output(info.name, tuple(info.shape), self._to_torch(info.dtype))
                    for info in infos}
         stream = torch.cuda.current_stream(self.device)
         if not self.session.run(bound, outputs, stream.cuda_stream):
             raise RuntimeError("TensorRT engine execution failed (Session.run returned False).")
-        stream.synchronize()
         return outputs
 
 
@@ -432,10 +507,21 @@ class TensorRTRunner:
     """
 
     def __init__(self, session, manifest: dict, *, num_blocks: int | None = None, kv_cache_fraction: float = 0.45,
-                 tp_sync: str = "seed", lockstep: bool = True, allgather: Callable | None = None):
+                 tp_sync: str = "seed", lockstep: bool = True, allgather: Callable | None = None,
+                 narrow_steps: bool = False):
         if tp_sync not in ("seed", "broadcast"):
             raise ValueError(f"tp_sync={tp_sync!r}: use 'seed' (shared seed, default) or 'broadcast' (rank 0's logits).")
+        gpu = getattr(session, "device_name", None) or "this GPU"
+        problem = xqa_device_problem(getattr(session, "compute_capability", None),
+                                     tokens_per_step=session.tokens_per_step, gpu=gpu)
+        if problem is None:
+            problem = sliding_window_problem(manifest.get("model"), session.max_seq_len)
+        if problem:
+            raise EngineMismatchError(f"The {manifest['role']} engine built from {manifest['source_model']}: {problem}")
         self.session, self.manifest = session, manifest
+        # Steps narrower than the built width (spec_decoding_generation_lengths < W): supported
+        # upstream, unverified here (gpu-check compares them); off until a GPU run confirms.
+        self.narrow_steps = narrow_steps
         self.vocab_size = session.vocab_size
         self.device = session.device
         self.tp_sync, self.lockstep, self._allgather = tp_sync, lockstep, allgather
@@ -492,20 +578,21 @@ class TensorRTRunner:
         draft): a request for k tokens runs ceil(k / W) steps, the last one filled up with
         copies of its last token. The filler's logits are dropped and its KV is forgotten at
         once (a rollback of the table; the filler only ever lands in blocks the row owns).
-        Whether TensorRT-LLM 1.2's plugin takes steps narrower than the engine was built for
-        (spec_decoding_generation_lengths < W, or spec_decoding_use switching to 0) is not
-        established; this way it never has to."""
+        TensorRT-LLM's lookahead runtime sends narrower steps (spec_decoding_generation_lengths
+        < W), but that has not run here; `narrow_steps=True` sends a k < W request as one
+        k-wide step, and gpu-check compares the two ways. Off until that comparison passes."""
         rows, k = tokens.shape
         if self.lockstep:
             check_lockstep("extend", tokens, self._allgather)
         session, tables = self.session, self.tables
-        pieces, width = [], max(1, session.tokens_per_step)
-        per_call = max(1, session.max_num_tokens // width)  # build-engines makes one call fit all rows
-        for start in range(0, k, width):
-            chunk = tokens[:, start:start + width].cpu()
-            real = chunk.shape[1]
-            if real < width:
+        pieces, built = [], max(1, session.tokens_per_step)
+        for start in range(0, k, built):
+            chunk = tokens[:, start:start + built].cpu()
+            real = width = chunk.shape[1]
+            if real < built and not self.narrow_steps:
+                width = built
                 chunk = torch.cat([chunk, chunk[:, -1:].expand(rows, width - real)], dim=1)
+            per_call = max(1, session.max_num_tokens // width)  # build-engines makes one call fit all rows
             tables.reserve(width)
             logits = torch.empty(rows, width, self.vocab_size, dtype=torch.float32, device=self.device)
             for first in range(0, rows, per_call):
@@ -546,6 +633,8 @@ class TensorRTRunner:
     def _run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs["cache_indirection"] = self._indirection[: inputs["host_request_types"].numel()]
         outputs = self.session.run({**inputs, **self.pool_inputs})
+        # A view of the session's output buffer, overwritten by the next step: every caller
+        # copies it into its own tensor at once.
         logits = outputs["logits"][:, : self.vocab_size].float()
         if self.tp_sync == "broadcast" and world()[1] > 1:
             from tensorrt_llm._utils import mpi_broadcast  # 1.2.0rc2 tensorrt_llm/_utils.py
@@ -610,6 +699,11 @@ class TRTModel:
                      max_new_tokens=max_new_tokens, world_size=world()[1])
         source = engine_dir / "hf" if (engine_dir / "hf" / "config.json").is_file() else Path(manifest["source_model"])
         config = AutoConfig.from_pretrained(source)
+        window = sliding_window_problem(
+            {"sliding_window": getattr(config, "sliding_window", None),
+             "use_sliding_window": getattr(config, "use_sliding_window", None)}, limits_of(manifest).max_seq_len)
+        if window:  # manifests written before build-engines recorded the window
+            raise EngineMismatchError(f"{engine_dir}: {window}")
         session = EngineSession(engine_dir, manifest)
         factory = lambda: TensorRTRunner(session, manifest, num_blocks=num_blocks,  # noqa: E731
                                          kv_cache_fraction=kv_cache_fraction, tp_sync=tp_sync, lockstep=lockstep)
