@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import compat, distributed, memory, policy, validation
+from . import compat, distributed, memory, planner, policy, validation
 from .runners.eager import EagerRunner
 from .runners.shared_vocab import SharedVocabulary
 from .smc import SMCResult, SMCSettings, smc_sample
@@ -35,7 +35,8 @@ SMC_KNOBS: dict[str, Any] = {
     "smc_draft_processors": False,  # True: the draft proposes from the processed distribution too
     "smc_mode": "smc",  # "smc", "exact" (lossless), "mixed" (smc_schedule), "auto" (smc_auto_threshold)
     "smc_schedule": policy.DEFAULT_SCHEDULE,  # mixed: (exact rounds, SMC-SD rounds), repeating
-    "smc_auto_threshold": policy.DEFAULT_AUTO_THRESHOLD,  # auto: SMC-SD where draft and target agree this much
+    "smc_auto_threshold": planner.DEFAULT_BIAS_BOUND,  # auto: largest predicted bias of an SMC-SD round
+    "smc_auto_costs": None,  # auto: a planner.CostModel to plan with (reproducible); None measures the costs
     "smc_compile": None,  # static runner: compile its steps (None: on CUDA only, as transformers does)
 }
 
@@ -69,9 +70,15 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     `num_resamples` `[B]` the resampling events, `num_dead_redos` `[B]` the SMC-SD rounds
     that left no particle any weight and were redone in exact mode. Per mode:
     `round_modes` (per prompt, one letter per round: `s` SMC-SD, `e` exact, `x` an SMC-SD
-    round discarded and redone), `num_smc_rounds` / `num_exact_rounds` and `smc_tokens` /
-    `exact_tokens` `[B]`, and `accepted_draft_tokens` (per prompt, the drafted tokens each
-    exact round accepted).
+    round discarded and redone, `p` a plain target step of `smc_mode="auto"`),
+    `num_smc_rounds` / `num_exact_rounds` / `num_plain_rounds` and `smc_tokens` /
+    `exact_tokens` / `plain_tokens` `[B]`, and `accepted_draft_tokens` (per prompt, the
+    drafted tokens each exact round accepted). With `smc_mode="auto"`, `round_plans`: per
+    prompt, one dict per round with its `mode` letter, `k` (drafted tokens, 0 for a plain
+    step), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
+    K would add: the quality measure compared with `smc_auto_threshold`; None for plain
+    steps, NaN before any evidence) and `predicted_tokens_per_s` (the batch's, by the
+    measured costs, for the K chosen).
     """
 
     particle_sequences: torch.LongTensor | None = None
@@ -89,6 +96,9 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     smc_tokens: torch.LongTensor | None = None
     exact_tokens: torch.LongTensor | None = None
     accepted_draft_tokens: list | None = None
+    num_plain_rounds: torch.LongTensor | None = None
+    plain_tokens: torch.LongTensor | None = None
+    round_plans: list | None = None
 
 
 def patch(model):
@@ -287,6 +297,7 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         mode=knobs["smc_mode"],
         schedule=knobs["smc_schedule"],
         auto_threshold=knobs["smc_auto_threshold"],
+        auto_costs=knobs["smc_auto_costs"],
         **extra,
     )
 
@@ -578,4 +589,7 @@ def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict
         smc_tokens=result.smc_tokens,
         exact_tokens=result.exact_tokens,
         accepted_draft_tokens=result.accepted,
+        num_plain_rounds=result.num_plain_rounds,
+        plain_tokens=result.plain_tokens,
+        round_plans=result.round_plans,
     )

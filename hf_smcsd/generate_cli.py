@@ -131,6 +131,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
                 "round_modes": out.round_modes,
                 "smc_tokens": out.smc_tokens.tolist(),
                 "exact_tokens": out.exact_tokens.tolist(),
+                "plain_tokens": out.plain_tokens.tolist(),
+                "round_plans": [[_json_plan(plan) for plan in plans] for plans in out.round_plans],
                 "accepted_draft_tokens": [a.tolist() for a in out.accepted_draft_tokens],
                 "ess": [e.tolist() for e in out.ess],
                 "settings": {**knobs, **sampling, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
@@ -142,3 +144,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             print(f"### {i}: {prompt}\n{completion}\n")
     return 0
+
+
+def _json_plan(plan: dict) -> dict:
+    """A round's plan with NaN (no evidence yet) as null: strict JSON has no NaN."""
+    return {key: None if isinstance(value, float) and value != value else value for key, value in plan.items()}

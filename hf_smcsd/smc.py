@@ -8,8 +8,9 @@ of those is one function below, in that order, taking the run's state (`Populati
 what it needs, returning what it produces; its docstring names the state it changes. The
 loop's two host synchronisations per round stay in the loop. It talks to the two models
 only through `Runner`s and never imports transformers; the math after the verify pass lives
-in `verify.py` and `weights.py`, the mode choice in `policy.py`, resampling in
-`resampling.py`.
+in `verify.py` and `weights.py`, the mode choice in `policy.py` (fixed modes) and
+`planner.py` (auto: each group's mode and the round's K, K = 0 a plain target step),
+resampling in `resampling.py`.
 
 Layout: a batch of B prompts is B groups of N particles; every tensor over particles is
 `[rows]` with rows group-major (`group * N + particle`). Rows of groups that have ended
@@ -24,14 +25,17 @@ recorded tokens, weights and diagnostics bit for bit (same random draws in the s
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from . import policy, verify
+from . import planner, policy, verify
 from .resampling import RESAMPLING_METHODS, CopyPlan, copy_plan, resample
 from .runners.base import Runner
+from .timing import PhaseClock
 from .weights import (
     WEIGHT_DTYPE,
     effective_sample_size,
@@ -58,7 +62,7 @@ LogProbsFn = Callable[[torch.Tensor, History], torch.Tensor]
 # positions complete a stop (a stopping criterion that holds there): `[rows, w]` bool.
 StopFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-SMC_ROUND, EXACT_ROUND, REDONE_ROUND = "s", "e", "x"  # letters of `SMCResult.round_modes`
+SMC_ROUND, EXACT_ROUND, REDONE_ROUND, PLAIN_ROUND = "s", "e", "x", "p"  # letters of `SMCResult.round_modes`
 # The draft proposes at the target's temperature, but never below this (the reference
 # engine proposes at 0.7 whatever the target's). A sharper proposal stops covering the
 # target: near temperature 0 every particle would propose the draft's argmax, and where it
@@ -102,7 +106,8 @@ class SMCSettings:
     num_return_sequences: int = 1  # particles returned per prompt, drawn by final weight
     mode: str = "smc"  # "smc", "exact", "mixed" or "auto" (see policy.py)
     schedule: tuple[int, int] = policy.DEFAULT_SCHEDULE  # mixed: (exact rounds, SMC-SD rounds), repeating
-    auto_threshold: float = policy.DEFAULT_AUTO_THRESHOLD  # auto: SMC-SD where agreement > this
+    auto_threshold: float = planner.DEFAULT_BIAS_BOUND  # auto: largest predicted bias of an SMC-SD round
+    auto_costs: planner.CostModel | None = None  # auto: fixed costs (reproducible plans); None measures them
     greedy: bool = False  # exact rounds verify against the target's argmax (do_sample=False)
 
     def __post_init__(self):
@@ -155,7 +160,13 @@ class SMCSettings:
             bad("smc_schedule", self.schedule, "use (exact_rounds, smc_rounds), two integers >= 0, not both 0, e.g. (4, 1).")
         self.schedule = schedule
         if not 0.0 <= float(self.auto_threshold) <= 1.0:
-            bad("smc_auto_threshold", self.auto_threshold, "use a fraction in [0, 1] (higher runs more exact rounds).")
+            bad(
+                "smc_auto_threshold",
+                self.auto_threshold,
+                "use a total-variation bound in [0, 1] (0: auto never runs SMC-SD; larger allows more SMC-SD rounds).",
+            )
+        if self.auto_costs is not None and not isinstance(self.auto_costs, planner.CostModel):
+            bad("smc_auto_costs", self.auto_costs, "use an hf_smcsd.planner.CostModel, or None to measure the costs.")
         exact_rounds_possible = self.greedy or self.mode != "smc"
         if exact_rounds_possible and float(self.alpha) != 1.0:
             what = "do_sample=False" if self.greedy else f"smc_mode={self.mode!r}"
@@ -186,6 +197,9 @@ class SMCResult:
     smc_tokens: torch.Tensor | None = None  # [B] tokens generated in SMC-SD rounds (x0 included)
     exact_tokens: torch.Tensor | None = None  # [B] tokens committed by exact rounds
     accepted: list[torch.Tensor] = field(default_factory=list)  # per prompt, drafts accepted per exact round
+    num_plain_rounds: torch.Tensor | None = None  # [B] plain rounds (auto's K = 0: one target step, no draft)
+    plain_tokens: torch.Tensor | None = None  # [B] tokens of plain rounds
+    round_plans: list[list[dict]] = field(default_factory=list)  # auto: per prompt, per round: mode, k, why
     stats: dict = field(default_factory=dict)
 
 
@@ -197,13 +211,16 @@ class Population:
 
     Full arrays over every particle `[B * N]`, kept until the end: `tokens` (new tokens,
     `[B * N, columns]`, pad after each particle's end), `lengths`, `finished`, `log_weights`.
-    Per prompt (group) `[B]`: `clock` (tokens generated), `log_z`, `rounds_run`, `agreement`
-    (policy.py), `identical` (all its particles hold the same tokens), `force_exact` (the
-    next round redoes a dead SMC-SD round). The live map: `rows` (live row -> full row) and
+    Per prompt (group) `[B]`: `clock` (tokens generated), `log_z`, `rounds_run`, `identical`
+    (all its particles hold the same tokens), `force_exact` (the next round redoes a dead
+    SMC-SD round). The live map: `rows` (live row -> full row) and
     `groups` (live group -> prompt). Per live row: `last_token` (x_last, which the target
     has not seen) and `draft_pending` (the tokens the draft has not seen: [x0], then 2
-    wide, 1 after a first-round redo; one width for all rows). `stats` keeps the
-    diagnostics, `stream` the settled tokens' consumer.
+    wide, 1 after a first-round redo, one more after each plain round; one width for all
+    rows). `stats` keeps the diagnostics, `stream` the settled tokens' consumer. For auto:
+    `auto` (the planner's evidence and costs, `_AutoState`), and `narrow` while both caches
+    hold one row per group (plain rounds of identical groups; `can_narrow` where both
+    runners can give the rows back, `Runner.expand`).
     """
 
     def __init__(self, target: Runner, draft: Runner, prompts: torch.Tensor, settings: SMCSettings, stream=None):
@@ -224,7 +241,6 @@ class Population:
         self.rows = torch.arange(total, device=device)
         self.groups = torch.arange(batch, device=device)
         self.rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
-        self.agreement = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
         self.identical = torch.zeros(batch, dtype=torch.bool, device=device)
         self.force_exact = torch.zeros(batch, dtype=torch.bool, device=device)
         self.last_token = self.draft_pending = None  # set by `start`
@@ -234,6 +250,9 @@ class Population:
         self.invalid = torch.zeros(2, dtype=torch.bool, device=device)
         self.stats: _Stats | None = None
         self.stream, self.streamed = stream, 0
+        self.auto: _AutoState | None = None
+        self.can_narrow = settings.mode == "auto" and self.n > 1 and all(hasattr(r, "expand") for r in (target, draft))
+        self.narrow = False
 
     def note_distribution(self, model: int, log_probs: torch.Tensor) -> None:
         """Record whether `log_probs` of `model` (TARGET or DRAFT) hold a NaN (no sync)."""
@@ -255,7 +274,7 @@ class Population:
         keep_groups = (~ended).nonzero().squeeze(1)
         keep = _group_rows(keep_groups, self.n)
         for runner in (self.target, self.draft):
-            runner.keep(keep)
+            runner.keep(keep_groups if self.narrow else keep)  # narrow: one row per group
         self.rows, self.groups = self.rows[keep], self.groups[keep_groups]
         self.last_token, self.draft_pending = self.last_token[keep], self.draft_pending[keep]
         return keep_groups
@@ -278,6 +297,23 @@ class Population:
             grown = max(self.budget - least, min(self.budget, 2 * (self.tokens.shape[1] - gamma - 1))) + gamma + 1
             extra = self.tokens.new_full((self.tokens.shape[0], grown - self.tokens.shape[1]), self.pad)
             self.tokens = torch.cat([self.tokens, extra], dim=1)
+
+    def narrow_rows(self) -> None:
+        """Both caches keep one row per live group (every group identical): plain rounds."""
+        first = torch.arange(self.num_live_groups, device=self.rows.device) * self.n
+        for runner in (self.target, self.draft):
+            runner.keep(first)
+        self.narrow = True
+
+    def widen_rows(self) -> None:
+        """Drafting resumes after narrow plain rounds: the draft catches up on the tokens it
+        missed (one row per group, one pass), then every group gets its N rows back."""
+        if self.draft_pending.shape[1] > 1:
+            self.draft.extend(self.draft_pending[:: self.n, :-1])
+            self.draft_pending = self.draft_pending[:, -1:]
+        for runner in (self.target, self.draft):
+            runner.expand(self.n)
+        self.narrow = False
 
     # Rounds in and out.
 
@@ -361,6 +397,29 @@ class Population:
 
         return self.by_clock(getattr(fn, "reads_history", True), compute)
 
+    def group_distribution(self, fn: LogProbsFn, logits: torch.Tensor) -> torch.Tensor:
+        """`fn` at the first row of each live group only (`logits` `[groups, w, V]`, nothing
+        new beyond each row's tokens so far): narrow plain rounds."""
+        first = torch.arange(self.num_live_groups, device=logits.device) * self.n
+
+        def compute(index):
+            rows = first if index is None else first[index]
+            history = lambda: self.history(rows, [])  # noqa: E731
+            history.prompts = self.rows[rows] // self.n
+            return fn(logits if index is None else logits[index], history)
+
+        if not getattr(fn, "reads_history", True):
+            return compute(None)
+        group_clock = self.clock[self.groups]
+        out = None
+        for value in torch.unique(group_clock).tolist():
+            index = (group_clock == value).nonzero().squeeze(1)
+            part = compute(index)
+            if out is None:
+                out = part.new_empty((logits.shape[0],) + part.shape[1:])
+            out[index] = part
+        return out
+
     def stream_settled(self) -> None:
         """Hand the stream the new tokens every particle now shares (resampling and the final
         pick can no longer change them)."""
@@ -418,26 +477,31 @@ class RoundShape:
     collapse: torch.Tensor
     remaining: torch.Tensor
     summary: torch.Tensor
+    plan: planner.Plan | None = None  # auto: the planner's choice (its K is `planned_k`)
     num_done: int = 0
     num_collapse: int = 0
     any_exact: bool = False
+    num_diverse: int = 0  # live groups whose particles differ
     least: int = 0  # fewest tokens any live group has left
-    k: int = 0  # draft tokens per row this round
+    k: int = 0  # draft tokens per row this round (0: a plain round, auto only)
     with_bonus: bool = True  # whether a bonus token follows the k drafts
     invalid: list = field(default_factory=list)  # host copy of `Population.invalid`
 
     def settle(self, summary: list, gamma: int) -> None:
-        """Take the host's copy of `summary`, and fix the round's K: the last rounds draft
-        only what some budget can keep, and skip the bonus where no budget reaches it."""
-        self.num_done, self.num_collapse, num_exact, most, self.least, *self.invalid = summary
+        """Take the host's copy of `summary`, and fix the round's K (the planner's for auto,
+        else `gamma`): the last rounds draft only what some budget can keep, and skip the
+        bonus where no budget reaches it."""
+        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, *self.invalid = summary
         self.any_exact = num_exact > 0
-        self.k = min(gamma, most)
+        self.k = min(gamma if self.plan is None else self.plan.k, most)
         self.with_bonus = most > self.k
 
     def only(self, keep_groups: torch.Tensor) -> RoundShape:
         """The shape of the kept live groups (after `Population.drop_groups`)."""
         self.exact, self.collapse = self.exact[keep_groups], self.collapse[keep_groups]
         self.remaining = self.remaining[keep_groups]
+        if self.plan is not None:  # a copy: the planner may reuse its plan
+            self.plan = dataclasses.replace(self.plan, bias=self.plan.bias[keep_groups])
         return self
 
     def exact_rows(self, n: int) -> torch.Tensor:
@@ -450,6 +514,7 @@ class Drafts:
     log_q: torch.Tensor  # [rows, k]
     probs: list[torch.Tensor]  # exact rows only: q at each depth, k x [exact rows, V]
     fed: int  # positions the draft was fed this round
+    log_dists: torch.Tensor | None = None  # auto: every row's processed log q, [rows, k, V]
 
 
 @dataclass
@@ -508,21 +573,35 @@ def smc_sample(
     )
     population = Population(target, draft, input_ids, settings, stream)
     start(population, rules, attention_mask)
+    auto = population.auto = _AutoState(population, settings) if settings.mode == "auto" else None
 
     while True:
-        # Choose the round's shape (the round planner's place): which groups end, each
-        # group's mode, then, from one host synchronisation, the round's K.
+        # Choose the round's shape: which groups end, each group's mode (auto: the round
+        # planner, which also plans K), then, from one host synchronisation, the round's K.
+        if auto is not None:
+            auto.clock.start("round")
         shape = choose_round_shape(population, settings)
         shape.settle(shape.summary.tolist(), settings.gamma)  # host synchronisation 1 of 2
         check_distributions(shape.invalid)  # NaN from the last round (or the start): stop, before the pick
+        if auto is not None:
+            auto.observe_last_round()  # its spans are complete: the synchronisation above passed them
         if shape.num_done == population.num_live_groups:
             break
         if shape.num_done:
             shape = shape.only(population.drop_groups(shape.done))
-        if shape.num_collapse:  # SMC-SD -> exact: one particle drawn by weight becomes the whole group
+        if population.narrow and shape.k > 0:
+            population.widen_rows()
+        if shape.num_collapse:  # SMC-SD -> exact (or plain): one particle drawn by weight becomes the whole group
             collapse_groups(population, shape.collapse)
             continue  # the chosen particle may have finished: re-check which groups end
         population.grow_token_buffer(shape.least, settings.gamma)
+        if shape.k == 0:  # auto's plain round: one target sampling step, no draft pass
+            plain_round(population, rules, shape)
+            population.stream_settled()
+            continue
+        if population.draft_pending.shape[1] > 2:  # drafting resumes after plain rounds on N rows
+            population.draft.extend(population.draft_pending[:, :-1])  # the draft catches up in one pass
+            population.draft_pending = population.draft_pending[:, -1:]
         saved = population.save()
 
         drafts = draft_block(population, rules, shape)
@@ -542,9 +621,141 @@ def smc_sample(
             redo_dead_populations(population, dead, saved, advance, block, drafts, verified)
         if any_needs:
             resample_populations(population, needs, group_log_weights, settings)
+        if auto is not None:
+            auto.round_done(population.rows.shape[0], shape.k, verified.fed)
         population.stream_settled()
 
     return final_pick(population, settings)
+
+
+_COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
+_COST_CACHE_SIZE = 64
+REPLAN_EVERY = 8  # plain rounds that may reuse one plan (_AutoState.plan)
+
+
+def _cost_key(runner) -> tuple | None:
+    """What a runner's costs depend on: backend, model shape, dtype and device (not the
+    weights). None when the runner has no transformers model to describe."""
+    model = getattr(runner, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    shape = tuple(getattr(config, name, None) for name in (
+        "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+        "num_attention_heads", "num_key_value_heads"))
+    parameter = next(model.parameters(), None)
+    where = (str(parameter.dtype), str(parameter.device)) if parameter is not None else ()
+    return (type(runner).__name__, shape) + where
+
+
+class _AutoState:
+    """The auto mode's side of the loop: the evidence of earlier rounds per group, the
+    measured costs, and the planner's calls (hf_smcsd.planner)."""
+
+    def __init__(self, population: Population, settings: SMCSettings):
+        target, draft, x0 = population.target, population.draft, population.last_token
+        batch, device = population.batch, x0.device
+        self.population = population
+        self.n, self.gamma, self.bound = settings.particles, settings.gamma, float(settings.auto_threshold)
+        self.greedy = settings.greedy
+        nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+        self.rate = nan.clone()  # per-token SIR bias bound (planner.update_rate)
+        self.single_acceptance = nan.clone()  # running mean of 1 - TV(p_t, q_t) at drafted positions
+        self.positions = torch.zeros(batch, dtype=torch.float64, device=device)  # drafted positions measured, per chain
+        self.accepted = torch.zeros(batch, dtype=torch.float64, device=device)  # drafts accepted by exact walks
+        self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
+        self.clock = PhaseClock(device)
+        self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE, factor=planner.PROBE_FACTOR)
+        self.last_round: tuple[int, int, int] | None = None  # (rows, K, verify width) of the round just run
+        self.last_plan: planner.Plan | None = None
+        self.last_plain_seconds, self.reused = 0.0, 0
+        self.measure = settings.auto_costs is None
+        if not self.measure:
+            self.costs = settings.auto_costs
+            return
+        keys = (_cost_key(target), _cost_key(draft))
+        key = None if None in keys else keys + (x0.shape[0], self.gamma)
+        self.costs = _COST_CACHE.get(key) if key is not None else None
+        if self.costs is None:
+            self.costs = self._calibrate(target, draft, x0)
+            if key is not None:
+                if len(_COST_CACHE) >= _COST_CACHE_SIZE:
+                    _COST_CACHE.pop(next(iter(_COST_CACHE)))
+                _COST_CACHE[key] = self.costs
+
+    def _calibrate(self, target: Runner, draft: Runner, x0: torch.Tensor) -> planner.CostModel:
+        """A short calibration before the first round (then cached): the verify pass at width
+        1 and K + 1 and one draft step, each the faster of two runs, fed and rolled back."""
+        costs = planner.CostModel()
+        rows = x0.shape[0]
+        for runner, widths, cost in ((target, (1, self.gamma + 1), costs.verify), (draft, (1,), costs.draft_step)):
+            for width in widths:
+                best = float("inf")
+                for _ in range(2):
+                    self.clock.synchronize()
+                    start = time.perf_counter()
+                    runner.extend(x0.unsqueeze(1).expand(rows, width).contiguous())
+                    self.clock.synchronize()
+                    best = min(best, time.perf_counter() - start)
+                    runner.rollback(torch.full((rows,), width, dtype=torch.long, device=x0.device))
+                cost.observe(rows * width, best)
+        return costs
+
+    def plan(self, group_done: torch.Tensor) -> planner.Plan:
+        """The planner's choice for the live groups (`group_done`: those ending now). In a
+        run of plain rounds nothing the plan depends on changes but the measured costs, so
+        the last plan is reused (no planner work, no host synchronisation) until a probe is
+        due, the live groups change, or `REPLAN_EVERY` rounds have passed."""
+        p = self.population
+        groups, rows = p.groups, p.rows.shape[0]
+        plain_rows = groups.shape[0] if p.can_narrow else rows
+        probe_seconds = self.costs.round_seconds(rows, self.gamma) if self.costs.verify.known else 0.0
+        probe = self.probes.must_draft(probe_seconds)
+        last = self.last_plan
+        if (last is not None and last.k == 0 and not probe and last.exact.shape[0] == groups.shape[0]
+                and self.reused < REPLAN_EVERY):
+            self.reused += 1
+            self.probes.after(0, False, self.last_plain_seconds)
+            return last
+        self.reused = 0
+        accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
+        rate = planner.usable_rate(self.rate[groups], self.positions[groups])
+        plan = planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
+                                  allow_plain=not probe, allow_smc=not self.greedy, live=~group_done,
+                                  plain_rows=plain_rows)
+        plain_seconds = self.costs.round_seconds(plain_rows, 0) if self.costs.verify.known else 0.0
+        self.probes.after(plan.k, probe, plain_seconds)
+        self.last_plan, self.last_plain_seconds = plan, plain_seconds
+        return plan
+
+    def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:
+        bias, tv = planner.position_measures(target_lp, draft_lp, self.n)
+        self.rate[groups] = planner.update_rate(self.rate[groups], planner.group_means(bias, counted, self.n))
+        self.positions[groups] += counted.view(-1, self.n * counted.shape[1]).sum(dim=1) / self.n
+        observed = 1.0 - planner.group_means(tv, counted, self.n)
+        self.single_acceptance[groups] = planner.update_mean(self.single_acceptance[groups], observed)
+
+    def observe_walk(self, groups, accepted, tried) -> None:
+        self.accepted[groups] += accepted.double()
+        self.rejected[groups] += (accepted < tried).double()
+
+    def round_done(self, rows: int, k: int, verify_width: int) -> None:
+        self.clock.stop("round")
+        self.last_round = (rows, k, verify_width)
+
+    def observe_last_round(self) -> None:
+        """Feed the spans of the round before into the cost model (after a synchronisation)."""
+        spans = self.clock.collect()
+        if self.last_round is None or not self.measure or "round" not in spans:
+            return
+        rows, k, width = self.last_round
+        self.last_round = None
+        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0)
+        if "verify" in spans:
+            self.costs.verify.observe(rows * width, spans["verify"])
+        if k > 0 and "draft" in spans:
+            self.costs.draft_step.observe(rows, spans["draft"] / k)
+        self.costs.observe_overhead("spec" if k > 0 else "plain", spans["round"] - model_seconds)
 
 
 # --- The phases, in the loop's order. ---
@@ -558,9 +769,7 @@ def start(population: Population, rules: Rules, attention_mask: torch.Tensor | N
     prompts, batch = p.prompts, p.batch
     if attention_mask is None:
         attention_mask = torch.ones_like(prompts)
-    exact_first = policy.exact_rounds(
-        settings.mode, p.rounds_run, p.agreement, settings.schedule, settings.auto_threshold
-    )
+    exact_first = policy.exact_rounds(settings.mode, p.rounds_run, settings.schedule)
     exact_first |= settings.greedy
     first_logits = p.target.prefill(prompts, attention_mask, n).unsqueeze(1)
     p.draft.prefill(prompts, attention_mask, n)
@@ -587,24 +796,31 @@ def start(population: Population, rules: Rules, attention_mask: torch.Tensor | N
 def choose_round_shape(population: Population, settings: SMCSettings) -> RoundShape:
     """Choose the round's shape, on the device: which live groups end (all their particles
     finished or their budget spent) and each group's mode, fixed before this round's drafts
-    are drawn (policy.py; a dead round's redo and greedy decoding force exact). The loop
-    reads `summary` on the host and `RoundShape.settle` fixes K. Changes nothing.
-
-    This is where a round planner plugs in (docs/algorithm.md, "Planning a round"): each
-    group's mode here, the round's K in `settle`."""
+    are drawn (policy.py; a dead round's redo and greedy decoding force exact). For auto the
+    round planner (planner.py, docs/algorithm.md "Planning a round") fixes each group's mode
+    and plans K from earlier rounds only (one host synchronisation of its own); K = 0, a
+    plain round, collapses every diverse group (its weights would not change: drawing its
+    particle now loses nothing). The loop reads `summary` on the host and
+    `RoundShape.settle` fixes K. Changes nothing but the planner's probe schedule."""
     p, n, budget = population, population.n, population.budget
     groups = p.groups
     done = p.finished[p.rows].view(-1, n).all(dim=1) | (p.clock[groups] >= budget)
-    exact = policy.exact_rounds(
-        settings.mode, p.rounds_run[groups], p.agreement[groups], settings.schedule, settings.auto_threshold
-    )
-    exact |= p.force_exact[groups] | settings.greedy
-    collapse = exact & ~p.identical[groups] & ~done
+    plan = None
+    if p.auto is not None:
+        plan = p.auto.plan(done)
+        exact = plan.exact | ((p.force_exact[groups] | settings.greedy) & (plan.k > 0))
+        wants_one_particle = exact | (plan.k == 0)
+    else:
+        exact = policy.exact_rounds(settings.mode, p.rounds_run[groups], settings.schedule)
+        exact |= p.force_exact[groups] | settings.greedy
+        wants_one_particle = exact
+    collapse = wants_one_particle & ~p.identical[groups] & ~done
     remaining = budget - p.clock[groups]
     left = torch.where(done, -1, remaining)
     summary = torch.cat([torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
-                                      torch.where(done, budget, remaining).min()]), p.invalid.long()])
-    return RoundShape(done, exact, collapse, remaining, summary)
+                                      torch.where(done, budget, remaining).min(),
+                                      (~p.identical[groups] & ~done).sum()]), p.invalid.long()])
+    return RoundShape(done, exact, collapse, remaining, summary, plan)
 
 
 def collapse_groups(population: Population, collapse: torch.Tensor) -> None:
@@ -623,13 +839,55 @@ def collapse_groups(population: Population, collapse: torch.Tensor) -> None:
     p.identical[p.groups[collapse]] = True
 
 
+def plain_round(population: Population, rules: Rules, shape: RoundShape) -> None:
+    """Auto's plain round (K = 0): one target sampling step per group, no draft pass
+    (lossless). Every live group is identical here (the shape collapsed the others), so its
+    rows share one draw; where both runners can give rows back, the caches first narrow to
+    one row per group and stay so until drafting resumes (`Population.widen_rows`). The
+    draft sees the new tokens when drafting resumes (`draft_pending` grows by one). Commits
+    the token (`tokens`, `lengths`, `finished`, `clock`), counts the round (`rounds_run`,
+    `stats`), sets `last_token`; weights do not change (alpha = 1 in auto)."""
+    p, n, settings, auto = population, population.n, rules.settings, population.auto
+    live = p.num_live_groups
+    if p.can_narrow and not p.narrow and shape.num_diverse == 0:
+        p.narrow_rows()
+    auto.clock.start("verify")
+    logits = p.target.extend((p.last_token[::n] if p.narrow else p.last_token).unsqueeze(1))
+    auto.clock.stop("verify")
+    if p.narrow:
+        lp = p.group_distribution(rules.target_log_probs, logits)[:, 0]
+    else:
+        lp = p.distribution(rules.target_log_probs, logits, [])[:, 0]
+    p.note_distribution(TARGET, lp)
+    if settings.greedy:
+        lp = verify.one_hot(lp).log()
+    token = sample(lp)
+    if p.narrow:
+        token = token.repeat_interleave(n)
+    else:  # identical groups (the shape collapsed the others) share their first row's draw
+        token = token.view(live, n)[:, :1].expand(live, n).flatten()
+    active = ~p.finished[p.rows]
+    stopped = rules.stops(p, token.unsqueeze(1))[:, 0]
+    one = torch.ones(live, dtype=torch.long, device=token.device)
+    p.commit_tokens(token.unsqueeze(1), active.unsqueeze(1), active.long(), stopped, active, 0.0, one)
+    p.rounds_run[p.groups] += 1
+    p.stats.round(p.groups, torch.zeros_like(shape.exact), one, None, plain=True,
+                  plan=(0, shape.plan.bias, shape.plan.tokens_per_s))
+    p.stats.ess.append((p.groups, effective_sample_size(p.log_weights[p.rows].view(-1, n))))
+    p.last_token = token
+    p.draft_pending = torch.cat([p.draft_pending, token.unsqueeze(1)], dim=1)
+    auto.round_done(live if p.narrow else p.rows.shape[0], 0, 1)
+
+
 def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Drafts:
     """Draft: k tokens per live row, autoregressively from the draft, recording log q (and,
     for exact groups, q itself: `[exact rows, k, V]`, kept only until the walk). Feeds the
     draft cache its pending tokens and k - 1 drafts."""
     p, k = population, shape.k
     exact_rows = shape.exact_rows(p.n)
-    drafted, draft_lq, draft_probs = [], [], []
+    drafted, draft_lq, draft_probs, dists = [], [], [], []
+    if p.auto is not None:
+        p.auto.clock.start("draft")
     logits = p.draft.extend(p.draft_pending)[:, -1:]
     for step in range(k):
         if step:
@@ -641,25 +899,35 @@ def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Draf
         draft_lq.append(gather(lq, token))
         if shape.any_exact:
             draft_probs.append(lq[exact_rows].exp())
+        if p.auto is not None:
+            dists.append(lq)
     fed = p.draft_pending.shape[1] + k - 1
-    return Drafts(torch.stack(drafted, dim=1), torch.stack(draft_lq, dim=1), draft_probs, fed)
+    log_dists = None
+    if p.auto is not None:
+        p.auto.clock.stop("draft")
+        log_dists = torch.stack(dists, dim=1)
+    return Drafts(torch.stack(drafted, dim=1), torch.stack(draft_lq, dim=1), draft_probs, fed, log_dists)
 
 
 def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts: Drafts) -> Verified:
     """Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows),
     giving the processed target log-probs at every fed position. Feeds the target cache;
-    updates each group's `agreement` (policy.py) from the round's log p and log q."""
+    for auto, records the evidence of the round's drafted positions (`_AutoState`)."""
     p, n, k = population, population.n, shape.k
     fed = drafts.tokens if shape.with_bonus else drafts.tokens[:, : k - 1]
+    if p.auto is not None:
+        p.auto.clock.start("verify")
     logits = p.target.extend(torch.cat([p.last_token.unsqueeze(1), fed], dim=1))
+    if p.auto is not None:
+        p.auto.clock.stop("verify")
     target_lp = p.distribution(rules.target_log_probs, logits, [fed])
     p.note_distribution(TARGET, target_lp)
     log_p = gather(target_lp[:, :k], drafts.tokens)
-    row_remaining = shape.remaining.repeat_interleave(n)
-    active = ~p.finished[p.rows]
-    counted = active.unsqueeze(1) & (torch.arange(k, device=log_p.device) < row_remaining.unsqueeze(1))
-    observed = policy.round_agreement(log_p, drafts.log_q, counted, n)
-    p.agreement[p.groups] = policy.update_agreement(p.agreement[p.groups], observed)
+    if p.auto is not None:  # evidence for later rounds: divergences at every drafted position
+        row_remaining = shape.remaining.repeat_interleave(n)
+        active = ~p.finished[p.rows]
+        counted = active.unsqueeze(1) & (torch.arange(k, device=log_p.device) < row_remaining.unsqueeze(1))
+        p.auto.observe_positions(p.groups, target_lp[:, :k], drafts.log_dists, counted)
     return Verified(target_lp, log_p, fed.shape[1] + 1)
 
 
@@ -702,6 +970,9 @@ def exact_operator(population: Population, shape: RoundShape, drafts: Drafts, ve
     block.tokens[rows] = walk.tokens[:, : block.tokens.shape[1]].repeat_interleave(n, dim=0)
     block.valid[rows] = walk.num_committed.repeat_interleave(n)
     block.walk, block.exact_groups = walk, exact_groups
+    if population.auto is not None:
+        population.auto.observe_walk(population.groups[exact_groups], walk.num_accepted,
+                                     shape.remaining[exact_groups].clamp(max=k))
 
 
 def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, drafts: Drafts,
@@ -725,7 +996,8 @@ def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, dr
     advance = block.valid.view(p.num_live_groups, n)[:, 0]
     increment = torch.where(shape.exact_rows(n), 0.0, increment)
     p.commit_tokens(block.tokens, keep_mask, kept, stopped, active, increment, advance)
-    p.stats.round(p.groups, shape.exact, advance, block.walk.num_accepted if shape.any_exact else None)
+    plan = None if shape.plan is None else (k, shape.plan.bias, shape.plan.tokens_per_s)
+    p.stats.round(p.groups, shape.exact, advance, block.walk.num_accepted if shape.any_exact else None, plan=plan)
     p.identical[p.groups] = shape.exact
     p.rounds_run[p.groups] += 1
     p.force_exact[p.groups[shape.exact]] = False  # a redo, if one was due, has run
@@ -897,18 +1169,21 @@ def _restore_pending(draft, dead_rows, saved_pending, pending):
 
 class _Stats:
     """Diagnostics per prompt: rounds and tokens per mode, accepted drafts per exact round,
-    the mode of each round, ESS after each round, resampling events, dead-round redos."""
+    the mode of each round, ESS after each round, resampling events, dead-round redos, and
+    for auto each round's plan (K, the bias bound, the predicted tokens per second)."""
 
     def __init__(self, batch: int, first_exact: torch.Tensor):
         self.batch = batch
         self.first_exact = first_exact.cpu()  # x0 counts toward the mode of the first round
-        self.records: list[tuple] = []  # ("round", groups, exact, advance, accepted) | ("redo", groups)
+        # ("round", groups, exact, advance, accepted, plain, plan) | ("redo", groups)
+        self.records: list[tuple] = []
         self.ess: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_resamples = torch.zeros(batch, dtype=torch.long, device=first_exact.device)
 
-    def round(self, groups, exact, advance, accepted) -> None:
+    def round(self, groups, exact, advance, accepted, plain=False, plan=None) -> None:
+        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s) for auto."""
         # Kept on the device until the end: no host synchronisation per round.
-        self.records.append(("round", groups, exact, advance.clone(), accepted))
+        self.records.append(("round", groups, exact, advance.clone(), accepted, plain, plan))
 
     def redo(self, groups) -> None:
         self.records.append(("redo", groups))
@@ -916,23 +1191,34 @@ class _Stats:
     def result(self, **fields) -> SMCResult:
         b = self.batch
         modes = [[] for _ in range(b)]
+        plans = [[] for _ in range(b)]
         smc_tokens = (~self.first_exact).long().clone()
         exact_tokens = self.first_exact.long().clone()
+        plain_tokens = torch.zeros(b, dtype=torch.long)
         accepted = [[] for _ in range(b)]
         last_advance = [0] * b
         for record in self.records:
             if record[0] == "redo":
                 for g in record[1].tolist():
                     modes[g][-1] = REDONE_ROUND
+                    if plans[g]:
+                        plans[g][-1]["mode"] = REDONE_ROUND
                     smc_tokens[g] -= last_advance[g]
                 continue
-            _, groups, exact, advance, walk_accepted = record
+            _, groups, exact, advance, walk_accepted, plain, plan = record
             exact_index = 0
             walk_accepted = walk_accepted.tolist() if walk_accepted is not None else []
-            for g, is_exact, adv in zip(groups.tolist(), exact.tolist(), advance.tolist()):
-                modes[g].append(EXACT_ROUND if is_exact else SMC_ROUND)
+            bias = plan[1].tolist() if plan is not None else None
+            for i, (g, is_exact, adv) in enumerate(zip(groups.tolist(), exact.tolist(), advance.tolist())):
+                letter = PLAIN_ROUND if plain else EXACT_ROUND if is_exact else SMC_ROUND
+                modes[g].append(letter)
                 last_advance[g] = adv
-                if is_exact:
+                if plan is not None:
+                    plans[g].append({"mode": letter, "k": plan[0], "bias_bound": None if plain else bias[i],
+                                     "predicted_tokens_per_s": plan[2]})
+                if plain:
+                    plain_tokens[g] += adv
+                elif is_exact:
                     exact_tokens[g] += adv
                     accepted[g].append(walk_accepted[exact_index])
                     exact_index += 1
@@ -953,6 +1239,9 @@ class _Stats:
             smc_tokens=smc_tokens.to(device),
             exact_tokens=exact_tokens.to(device),
             accepted=[torch.tensor(a, dtype=torch.long) for a in accepted],
+            num_plain_rounds=count(PLAIN_ROUND),
+            plain_tokens=plain_tokens.to(device),
+            round_plans=plans if any(plans) else [],
         )
 
 

@@ -119,6 +119,14 @@ def schedule(value) -> tuple[int, int]:
     return pair
 
 
+def cost_model(value):
+    from .planner import CostModel
+
+    if not isinstance(value, CostModel):
+        raise _Bad("pass an hf_smcsd.planner.CostModel (fixed costs), or None to measure them")
+    return value
+
+
 def optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else kind(value)
 
@@ -134,7 +142,8 @@ KNOB_KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "smc_draft_processors": (flag, "apply the target's logits processors to the draft too"),
     "smc_mode": (choice(*MODES), "how rounds verify the draft"),
     "smc_schedule": (schedule, "(exact rounds, SMC rounds) of the mixed mode"),
-    "smc_auto_threshold": (fraction, "the agreement above which the auto mode runs SMC-SD rounds"),
+    "smc_auto_threshold": (fraction, "auto: the largest predicted total-variation bias of an SMC-SD round (0: never SMC-SD)"),
+    "smc_auto_costs": (optional(cost_model), "auto: fixed costs for reproducible plans (None: measured during the run)"),
     "smc_compile": (optional(flag), "compile the static runner's steps (None: on CUDA only)"),
 }
 

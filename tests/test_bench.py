@@ -504,7 +504,9 @@ def test_bench_runs_the_real_modes(models):
     for r in rows:
         if r["method"] in common.ENGINE_MODES:
             assert r["new_tokens"] == 5 * r["batch_size"] and r["tokens_per_s"] > 0
-            assert 1 <= r["tokens_per_target_call"] <= 3 and r["ms_per_round_verify"] > 0
+            # auto's first call calibrates its costs (a few target forwards, cached per shape)
+            lowest = 0.3 if r["method"] == "auto" else 1
+            assert lowest <= r["tokens_per_target_call"] <= 3 and r["ms_per_round_verify"] > 0
 
 
 def test_fidelity_cli_runs_every_engine_mode_with_its_knobs(saved_pair, tmp_path, monkeypatch):

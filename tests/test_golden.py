@@ -72,6 +72,8 @@ def _check_claims(name, result, settings, streamed):
     if name in ("mixed_b3", "paged_mixed_b3", "auto_b3"):  # both modes, and SMC-SD -> exact collapses
         assert _modes(result) == {"e", "s"}
         assert name == "auto_b3" or any("se" in m for m in result.round_modes)
+    if name == "paged_auto_plain_b3":  # plain rounds, then probes: the draft catches up
+        assert _modes(result) == {"p", "e"}
     if name == "greedy_b3":
         assert settings.greedy and _modes(result) == {"e"}
     if name == "smc_b3_nrs2":

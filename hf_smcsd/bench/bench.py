@@ -49,7 +49,7 @@ COLUMNS = [
     "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
     "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other",
     "tokens_per_target_call", "note", "name", "schedule", "auto_threshold", "ms_per_round_rollback",
-    "share_rollback",
+    "share_rollback", "round_mix", "mean_k",
 ]
 
 
@@ -163,8 +163,11 @@ class CountCalls:
 
 def smc_diagnostics(outputs: list, particles: int) -> dict:
     """Mean ESS (over prompts, rounds and repeats), ESS / N, resamples per prompt-round (of the
-    SMC-SD rounds: exact rounds have no weights; NaN where a run had none)."""
+    SMC-SD rounds: exact rounds have no weights; NaN where a run had none), and the mix of
+    round kinds (`round_mix`: shares of SMC-SD / exact / plain rounds, e.g. "s0.10 e0.30
+    p0.60") with auto's mean K per round (`mean_k`; None for fixed modes)."""
     ess_values, resamples, prompt_rounds, rounds = [], 0, 0, []
+    letters, ks = "", []
     for out in outputs:
         for trace in out.ess or []:
             if len(trace):
@@ -173,12 +176,16 @@ def smc_diagnostics(outputs: list, particles: int) -> dict:
         if out.num_resamples is not None:
             resamples += int(out.num_resamples.sum())
         rounds.append(int(out.num_rounds))
+        letters += "".join(out.round_modes or [])
+        ks += [plan["k"] for prompt in (getattr(out, "round_plans", None) or []) for plan in prompt]
     mean_ess = sum(ess_values) / len(ess_values) if ess_values else float("nan")
     return {
         "mean_ess": mean_ess,
         "mean_ess_fraction": mean_ess / particles,
         "resample_rate": resamples / prompt_rounds if prompt_rounds else float("nan"),
         "rounds": common.median([float(r) for r in rounds]),
+        "round_mix": " ".join(f"{m}{letters.count(m) / len(letters):.2f}" for m in "sep") if letters else "",
+        "mean_k": sum(ks) / len(ks) if ks else None,
     }
 
 
@@ -371,7 +378,7 @@ def summarize(rows: list[dict], min_particles: int = 4) -> dict:
 def format_table(rows: list[dict]) -> str:
     header = (f"{'method':<11}{'runner':<16}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x fastest':>10}"
               f"{'x assist':>10}{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
-              f"{'/'.join(common.TIME_PARTS)} (ms/round)")
+              f"{'/'.join(common.TIME_PARTS)} (ms/round)  rounds s/e/p, mean K")
     lines = [header, "-" * len(header)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
     for r in rows:
@@ -389,6 +396,8 @@ def format_table(rows: list[dict]) -> str:
             f"{fmt(r.get('speedup_vs_fastest_target'), '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
             f"{r['target_loglik_per_token']:>12.3f}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
             f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
+            + (f"  {r['round_mix']}" if r.get("round_mix") else "")
+            + (f", K {r['mean_k']:.1f}" if r.get("mean_k") is not None else "")
         )
     return "\n".join(lines)
 

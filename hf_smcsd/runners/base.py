@@ -43,6 +43,10 @@ class Runner(Protocol):
         """Keep only `rows` (sorted indices), in that order; the rest leave the batch."""
         ...
 
+    # Optional: `expand(copies: int) -> None`, every row becomes `copies` consecutive rows with
+    # its whole history (as the prefill's expansion). Runners that have it let auto's plain
+    # rounds run one row per group (`keep`), then give each group its N rows back.
+
     def rollback(self, drop: torch.Tensor) -> None:
         """Forget the last `drop[r]` tokens of each row r (`[rows]`, integer, `0 <= drop[r]`
         <= tokens that row received since its prefill; 0 leaves the row as it is).

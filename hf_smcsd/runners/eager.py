@@ -107,6 +107,13 @@ class EagerRunner:
         self.attention_mask[dest] = self.attention_mask[src]
         self.next_position[dest] = self.next_position[src]
 
+    def expand(self, copies: int) -> None:
+        """Every row becomes `copies` consecutive rows with its history (auto's plain rounds
+        run one row per group, then give each group its N rows back)."""
+        self.cache.batch_repeat_interleave(copies)
+        self.attention_mask = self.attention_mask.repeat_interleave(copies, dim=0)
+        self.next_position = self.next_position.repeat_interleave(copies, dim=0)
+
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.input_device)
         compat.select_cache_rows(self.cache, rows)

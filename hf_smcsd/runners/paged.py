@@ -458,6 +458,12 @@ class PagedRunner:
         self._apply(self.tables.reorder(plan.dest, plan.src))
         self.prompt_lengths[plan.dest.cpu()] = self.prompt_lengths[plan.src.cpu()]
 
+    def expand(self, copies: int) -> None:
+        """Every row becomes `copies` consecutive rows sharing its full blocks (as after the
+        prefill)."""
+        self._apply(self.tables.fork(copies))
+        self.prompt_lengths = self.prompt_lengths.repeat_interleave(copies)
+
     def keep(self, rows: torch.Tensor) -> None:
         self.tables.keep(rows)
         self.prompt_lengths = self.prompt_lengths[rows.cpu()]

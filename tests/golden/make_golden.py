@@ -51,6 +51,18 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<pad>")
 
 
+def fixed_costs(draft_step: float):
+    """auto's costs fixed (reproducible plans): a width-free 1 s verify pass, draft steps of
+    `draft_step` s (0: every round drafts; 0.6: plain rounds, with a probe after 9)."""
+    from hf_smcsd.planner import CostModel
+
+    costs = CostModel()
+    costs.verify.points = {1: 1.0}
+    costs.draft_step.points = {1: draft_step}
+    costs.overhead = {"plain": 0.0, "spec": 0.0}
+    return costs
+
+
 # name -> (prompts, runner, generate() keyword arguments). Every case runs with seed 0 unless
 # it says `seed`. `runner`: "eager", "static" (cache_implementation="static") or "paged"
 # (a PagedRunner with 4-token blocks). Budgets are chosen so most end mid-round
@@ -69,8 +81,10 @@ CASES = {
                                                    repetition_penalty=1.8, top_k=0)),
     "mixed_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=3, max_new_tokens=17, smc_mode="mixed",
                                           smc_schedule=(1, 2), repetition_penalty=1.5, top_k=0)),
-    "auto_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=2, max_new_tokens=16, smc_mode="auto",
-                                         smc_auto_threshold=0.15)),
+    "auto_b3": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=2, max_new_tokens=40, smc_mode="auto",
+                                         smc_auto_threshold=0.9, smc_auto_costs=fixed_costs(0.0))),
+    "paged_auto_plain_b3": (PROMPTS_3, "paged", dict(smc_particles=3, smc_gamma=2, max_new_tokens=15,
+                                                     smc_mode="auto", smc_auto_costs=fixed_costs(0.6))),
     "greedy_b3": (PROMPTS_3, "eager", dict(smc_particles=3, smc_gamma=3, max_new_tokens=11, do_sample=False,
                                            smc_draft_temperature=1.0)),
     "bad_words_min_new": (PROMPTS_3, "eager", dict(smc_particles=4, smc_gamma=3, max_new_tokens=12, min_new_tokens=6,

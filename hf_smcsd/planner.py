@@ -1,0 +1,303 @@
+"""The round planner of `smc_mode="auto"`: quality first, then speed. Pure functions.
+
+Before each round's drafts are drawn, and from earlier rounds only (docs/algorithm.md,
+"Planning a round"), the planner fixes each group's mode (SMC-SD or exact) and the round's
+K, where K = 0 is one plain target sampling step with no draft pass.
+
+**Quality: a bound on what one SMC-SD round can bias.** An SMC-SD round over a K-token block
+is, per group, sampling-importance-resampling (SIR) from N draft blocks with weights
+`w = p / q`. SIR outputs x with probability `p(x) * E[N / (w(x) + S)]`, where S is the sum of
+the other N - 1 weights (mean N - 1). By Jensen, `E[N / (w + S)] >= N / (w + N - 1)`, so
+
+    TV(SIR output, p) <= sum_x p(x) * (w(x) - 1)^+ / (w(x) + N - 1)
+                       = sum_x p(x) * (p(x) - q(x))^+ / (p(x) + (N - 1) q(x))      (`sir_bias`)
+
+which is exactly TV(p, q) at N = 1 (SIR of one draw is the draft) and falls like
+`E_p[(w - 1)^+] / N` for large N. Unlike `chi2 / N` it cannot exceed the target mass the
+draft misses: a token the draft almost never proposes costs at most its target
+probability, not `p^2 / q`. So the heavy tail of the per-token chi-square (docs, "Measured")
+does not make it useless, and a draft that is too sharp (at a low draft temperature every
+particle proposes the draft's argmax, `q` is a point mass) gets the bound it deserves: the
+target mass off that argmax. The loop evaluates it exactly at every drafted position from
+the full processed distributions `p_t`, `q_t` both models produced there; the group's
+evidence is a per-token rate `r` (its mean over the round's counted positions, raised at
+once by a worse round and lowered by half the gap per better round), and the bound for a
+K-token block is `1 - (1 - r)^K` (per-position bounds composed as independent couplings;
+the weights of a block multiply, so this is a model, calibrated by enumeration, not a
+theorem: build_scripts/planner_table.py).
+
+`smc_auto_threshold` is the largest predicted bias (total variation of one round's tokens
+from the target's) an SMC-SD round may have; a group whose bound for the round's K exceeds
+it runs exact. Exact rounds and plain rounds are lossless, so auto's bias is at most the
+sum of the bounds of the SMC-SD rounds it ran. 0 never runs SMC-SD (lossless auto).
+
+**Speed: expected tokens per second from measured costs.** Among the choices the bound
+allows (every K from 0 to the user's `smc_gamma`; per group SMC-SD where allowed, exact
+elsewhere), pick the K with the most expected tokens per second for the whole batch:
+tokens per round (SMC-SD K + 1, exact `1 + a + ... + a^K` from the acceptance `a` measured
+on the group's exact rounds, plain 1) over the predicted time of the round (`CostModel`:
+a draft step, a verify pass linear in the tokens it processes, and the loop's own time per
+round, all measured where the run happens). K = 0 is always a choice, so auto is never much
+slower than the target alone. A run that decodes plainly probes the draft again after
+`probe_after` plain rounds (doubling each time the draft still does not pay), so a draft
+that starts paying later is found at a logarithmic cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_BIAS_BOUND = 0.1  # smc_auto_threshold: see build_scripts/planner_table.py, auto_sweep.py and docs/benchmarks.md
+RATE_DECAY = 0.1  # a better round lowers the evidence by this share of the gap (slowly: see update_rate)
+PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measured
+PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
+FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling) ...
+PROBE_FACTOR = 8.0  # ... and plain time, in multiples of the probe's predicted time (ProbeSchedule)
+# Drafted positions (per chain) a group must have been measured at before its first SMC-SD
+# round: text alternates between easy and hard spots (see update_rate), and a rate taken from
+# one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of
+# the additions task.
+MIN_EVIDENCE = 16
+
+
+# --- Quality -------------------------------------------------------------------------
+
+
+def sir_bias(target_probs: torch.Tensor, draft_probs: torch.Tensor, particles: int) -> torch.Tensor:
+    """`[..., V]` probabilities -> `[...]`: the bound on the total variation between one SIR
+    step over `particles` draws from `draft_probs` and `target_probs` (module docstring).
+    At `particles=1` it is TV(p, q)."""
+    return _measures(target_probs.float(), draft_probs.float().clone(), particles)[0]
+
+
+def _measures(p: torch.Tensor, q: torch.Tensor, particles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SIR bias bound, TV) over the last dimension; overwrites `q` (a few passes over
+    `[rows, k, V]` in place: this runs every auto round)."""
+    gap = (p - q).clamp_(min=0.0)  # (p - q)^+: zero wherever the bound has no term
+    tv = gap.sum(dim=-1)
+    # p + (N - 1) q > 0 wherever gap > 0; elsewhere the clamp keeps 0 / 0 out.
+    denominator = q.mul_(particles - 1).add_(p).clamp_(min=1e-30)
+    bias = gap.mul_(p).div_(denominator).sum(dim=-1)
+    return bias.clamp_(max=1.0), tv
+
+
+def position_measures(target_lp: torch.Tensor, draft_lp: torch.Tensor, particles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per drafted position `[rows, k]`: (SIR bias bound at N = `particles`, TV(p, q)) from
+    the processed log-probabilities `[rows, k, V]` of both models there."""
+    return _measures(target_lp.float().exp(), draft_lp.float().exp(), particles)
+
+
+def group_means(values: torch.Tensor, counted: torch.Tensor, particles: int) -> torch.Tensor:
+    """Mean over each group's counted positions (`[G * N, k]` -> `[G]`, float64); NaN where
+    nothing was counted."""
+    values = torch.where(counted, values.double(), 0.0).view(-1, particles * values.shape[1])
+    count = counted.view(-1, particles * counted.shape[1]).sum(dim=1)
+    return torch.where(count > 0, values.sum(dim=1) / count.clamp(min=1), float("nan"))
+
+
+def update_rate(rate: torch.Tensor, observed: torch.Tensor, decay: float = RATE_DECAY) -> torch.Tensor:
+    """Evidence after a round: a worse observation is taken at once (one bad round is enough
+    to stop trusting the draft), a better one lowers the rate by `decay` of the gap. NaN
+    (no evidence) on either side leaves the other.
+
+    Slowly, because text alternates: a weak draft that fails on every answer digit agrees
+    on the format tokens between them (per-round rates of the weak pair's additions at N = 4
+    swing between 0.03 and 0.7, the committed pair's stay within 0.01 to 0.08), and the
+    round after an easy one is often a hard one. A rate that fell back after each easy
+    round let SMC-SD rounds land on answers (auto_sweep, weak pair: 75% where the target
+    has 98%)."""
+    lowered = rate - decay * (rate - observed)
+    blended = torch.where(observed > rate, observed, lowered)
+    blended = torch.where(torch.isnan(rate), observed, blended)
+    return torch.where(torch.isnan(observed), rate, blended)
+
+
+def update_mean(mean: torch.Tensor, observed: torch.Tensor, decay: float = RATE_DECAY) -> torch.Tensor:
+    """Running mean, `decay` the weight of the newest observation; NaN changes nothing."""
+    blended = mean + decay * (observed - mean)
+    blended = torch.where(torch.isnan(mean), observed, blended)
+    return torch.where(torch.isnan(observed), mean, blended)
+
+
+def usable_rate(rate: torch.Tensor, positions: torch.Tensor, minimum: int | None = None) -> torch.Tensor:
+    """The rate where at least `minimum` (default `MIN_EVIDENCE`) drafted positions were
+    measured, NaN (no SMC-SD) elsewhere."""
+    minimum = MIN_EVIDENCE if minimum is None else minimum
+    return torch.where(positions >= minimum, rate, float("nan"))
+
+
+def block_bias(rate: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """The bound for a K-token block from the per-token rate: `1 - (1 - r)^K` (NaN: no
+    evidence, stays NaN, which allows no SMC-SD round)."""
+    return 1.0 - (1.0 - rate.clamp(0.0, 1.0)) ** k
+
+
+# --- Speed ---------------------------------------------------------------------------
+
+
+def acceptance(accepted: torch.Tensor, rejected: torch.Tensor, single_chain: torch.Tensor) -> torch.Tensor:
+    """Per-depth acceptance of a group's exact rounds `[G]`: the truncated-geometric
+    estimate `accepted / (accepted + rejections)` over its exact rounds (`accepted`: drafts
+    accepted in all of them, `rejected`: rounds that ended on a rejection), with the
+    single-chain estimate `1 - TV` (or `PRIOR_ACCEPTANCE` where NaN) as `PRIOR_WEIGHT`
+    pseudo-rounds. N chains accept at least as often as one."""
+    prior = torch.where(torch.isnan(single_chain), PRIOR_ACCEPTANCE, single_chain).clamp(0.0, 1.0)
+    a = (accepted.double() + PRIOR_WEIGHT * prior) / (accepted.double() + rejected.double() + PRIOR_WEIGHT)
+    return a.clamp(0.0, 0.999)
+
+
+def expected_exact_tokens(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Tokens an exact round commits on average: `1 + a + ... + a^K`."""
+    powers = a.unsqueeze(-1) ** torch.arange(k + 1, device=a.device, dtype=a.dtype)
+    return powers.sum(dim=-1)
+
+
+@dataclass
+class LinearCost:
+    """Seconds of a call as `fixed + per_token * tokens` (SmartSpec's model: linear in the
+    tokens processed), fitted by least squares to the latest time seen at each token count."""
+
+    points: dict[int, float] = field(default_factory=dict)
+    smoothing: float = 0.5  # weight of a new observation at a token count already seen
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        old = self.points.get(tokens)
+        self.points[tokens] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def fit(self) -> tuple[float, float]:
+        if not self.points:
+            return 0.0, 0.0
+        xs, ys = list(self.points), list(self.points.values())
+        if len(xs) == 1:
+            return ys[0], 0.0  # one point: no slope known, assume overhead-bound
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var, 0.0)
+        return max(mean_y - slope * mean_x, 0.0), slope
+
+    def __call__(self, tokens: int) -> float:
+        fixed, per_token = self.fit()
+        return fixed + per_token * tokens
+
+    @property
+    def known(self) -> bool:
+        return bool(self.points)
+
+
+@dataclass
+class CostModel:
+    """Measured costs of one run: the target's forward (`verify`, by tokens = rows x width),
+    one draft step (by rows), and the loop's own seconds per round besides the forwards."""
+
+    verify: LinearCost = field(default_factory=LinearCost)
+    draft_step: LinearCost = field(default_factory=LinearCost)
+    overhead: dict[str, float] = field(default_factory=dict)  # "plain" / "spec" -> seconds per round
+    smoothing: float = 0.3
+
+    def observe_overhead(self, kind: str, seconds: float) -> None:
+        old = self.overhead.get(kind)
+        self.overhead[kind] = max(seconds, 0.0) if old is None else old + self.smoothing * (max(seconds, 0.0) - old)
+
+    def round_seconds(self, rows: int, k: int) -> float:
+        if k == 0:
+            return self.verify(rows) + self.overhead.get("plain", self.overhead.get("spec", 0.0))
+        return (k * self.draft_step(rows) + self.verify(rows * (k + 1))
+                + self.overhead.get("spec", self.overhead.get("plain", 0.0)))
+
+
+@dataclass
+class Plan:
+    """One round's shape, with the numbers it was chosen by."""
+
+    k: int  # 0: plain target step, no draft pass
+    exact: torch.Tensor  # [G] bool: exact groups (SMC-SD elsewhere); all False when k == 0
+    bias: torch.Tensor  # [G] the bound of an SMC-SD round at this K (NaN: no evidence)
+    tokens_per_s: float  # predicted, whole batch
+    tokens_per_s_by_k: list[float]  # predicted for every K from 0 to the largest allowed
+
+
+def plan_round(
+    rate: torch.Tensor,
+    accept: torch.Tensor,
+    costs: CostModel,
+    rows: int,
+    gamma: int,
+    bound: float,
+    allow_plain: bool = True,
+    allow_smc: bool = True,
+    live: torch.Tensor | None = None,
+    plain_rows: int | None = None,
+) -> Plan:
+    """The round's shape (module docstring). `rate` `[G]`: per-token bias evidence; `accept`
+    `[G]`: per-depth exact acceptance; `rows`: live rows; `gamma`: the largest K;
+    `allow_plain=False` forces a draft (a probe); `allow_smc=False` (greedy) keeps every
+    drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not);
+    `plain_rows`: the rows a plain round runs (one per group where the loop can narrow).
+    Costs not measured yet count as equal for every K (no preference from speed), so the
+    first rounds draft at the user's K. One host synchronisation."""
+    ks = list(range(0 if allow_plain else 1, gamma + 1))
+    weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
+    tokens, exact_by_k, bias_by_k = [], [], []
+    for k in ks:
+        if k == 0:
+            exact_by_k.append(torch.zeros_like(rate, dtype=torch.bool))
+            bias_by_k.append(torch.full_like(rate, float("nan")))
+            tokens.append(weight.sum())
+            continue
+        bias = block_bias(rate, k)
+        smc = (bias <= bound) & allow_smc  # NaN compares False: no evidence, no SMC-SD
+        per_group = torch.where(smc, float(k + 1), expected_exact_tokens(accept, k))
+        exact_by_k.append(~smc)
+        bias_by_k.append(bias)
+        tokens.append((per_group * weight).sum())
+    tokens = torch.stack(tokens).tolist()
+    if costs.verify.known and costs.draft_step.known:
+        seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
+    else:
+        seconds = [1.0 for _ in ks]
+        if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)
+            tokens[0] = -1.0
+    speed = [t / s for t, s in zip(tokens, seconds)]
+    best = max(range(len(ks)), key=lambda i: (speed[i], ks[i]))  # ties: the longer block
+    return Plan(k=ks[best], exact=exact_by_k[best], bias=bias_by_k[best], tokens_per_s=speed[best],
+                tokens_per_s_by_k=speed)
+
+
+@dataclass
+class ProbeSchedule:
+    """When a run that decodes plainly tries the draft again: after `wait` plain rounds in a
+    row, and once those plain rounds took `PROBE_FACTOR` times what the probe is predicted
+    to cost (so probing costs at most about 1 / PROBE_FACTOR of the plain time: at a large
+    batch a probe's N x (K+1) rows cost many plain steps). A probe followed by plain decoding
+    again doubles both; a round that drafts by choice resets them. The first round always
+    drafts (`first`): a draft that pays is found at once, one that does not costs a round."""
+
+    wait: int = FIRST_PROBE
+    factor: float = PROBE_FACTOR
+    streak: int = 0
+    plain_seconds: float = 0.0  # predicted time of the plain rounds since the last draft
+    probed: bool = False  # the last round was a probe
+    first: bool = True  # no round planned yet
+
+    def must_draft(self, probe_seconds: float = 0.0) -> bool:
+        if self.first:
+            return True
+        return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
+
+    def after(self, k: int, probe: bool, seconds: float = 0.0) -> None:
+        """Record the round just planned: its K, whether it was a forced probe, and its
+        predicted seconds."""
+        self.first = False
+        if k == 0:
+            if self.probed:
+                self.wait *= 2
+                self.factor *= 2
+            self.streak += 1
+            self.plain_seconds += seconds
+        else:
+            self.streak, self.plain_seconds = 0, 0.0
+            if not probe:
+                self.wait, self.factor = FIRST_PROBE, PROBE_FACTOR
+        self.probed = probe

@@ -1,0 +1,174 @@
+"""smc_mode="auto" end to end: the planner's plain rounds (K = 0), probes and exact rounds
+stay the target's distribution by enumeration, greedy stays the target's greedy output on
+every runner, SMC-SD rounds run only within the quality bound, and the diagnostics say
+what each round did and why."""
+
+import pytest
+import torch
+
+import hf_smcsd
+from hf_smcsd import planner
+from hf_smcsd.testing.enumeration import empirical_distribution, exact_distribution, total_variation
+
+from conftest import enumerable_pair, left_pad, noise_bound, processor_cases
+
+EOS, NEW, SAMPLES = 0, 5, 10_000
+PROMPT = [1, 2, 3]
+
+
+def costs(draft_step: float) -> planner.CostModel:
+    """Fixed costs (reproducible plans): a width-free verify of 1 s, draft steps of
+    `draft_step` s. Expensive draft steps make plain rounds the planner's choice; free ones
+    make every round draft."""
+    model = planner.CostModel()
+    model.verify.points = {1: 1.0}
+    model.draft_step.points = {1: draft_step}
+    model.overhead = {"plain": 0.0, "spec": 0.0}
+    return model
+
+
+PLAIN_COSTS, SPEC_COSTS = costs(10.0), costs(0.0)
+
+
+@pytest.fixture
+def probe_every_round(monkeypatch):
+    """The first probe after one plain round (then 2, 4, ...), so short outputs mix plain
+    rounds, probes and the draft's catch-up."""
+    monkeypatch.setattr(planner, "FIRST_PROBE", 1)
+    monkeypatch.setattr(planner, "PROBE_FACTOR", 0.0)
+
+
+@pytest.fixture
+def evidence_from_one_round(monkeypatch):
+    """Outputs of 5 tokens never gather MIN_EVIDENCE drafted positions: let one round's do,
+    so that the bound alone decides between SMC-SD and exact."""
+    monkeypatch.setattr(planner, "MIN_EVIDENCE", 1)
+
+
+def sample(target, draft, seed=0, samples=SAMPLES, **kwargs):
+    ids = torch.tensor([PROMPT] * samples)
+    torch.manual_seed(seed)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                temperature=1.0, max_new_tokens=NEW, return_dict_in_generate=True, **kwargs)
+    rows = [tuple(r[: r.index(EOS) + 1]) if EOS in r else tuple(r) for r in out.sequences[:, len(PROMPT):].tolist()]
+    return empirical_distribution(rows), out
+
+
+@pytest.mark.parametrize("particles, gamma", [(1, 2), (4, 1), (3, 3)])
+def test_plain_rounds_probes_and_exact_rounds_are_the_target(probe_every_round, particles, gamma):
+    target, draft = enumerable_pair(draft_noise=1.0)
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    got, out = sample(target, draft, smc_particles=particles, smc_gamma=gamma, smc_mode="auto",
+                      smc_auto_costs=PLAIN_COSTS)
+    modes = "".join(out.round_modes)
+    assert "p" in modes and "e" in modes and "s" not in modes  # plain rounds and probes both ran
+    assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
+
+
+@processor_cases()
+def test_narrow_plain_rounds_follow_the_processed_target(probe_every_round, generate_kwargs, processors):
+    """Plain rounds on one row per group apply the processors (one that reads each row's
+    sequence among them) as the target's own sampling does."""
+    from transformers import LogitsProcessorList
+
+    target, draft = enumerable_pair(draft_noise=1.0)
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,), logits_processor=LogitsProcessorList(processors))
+    got, out = sample(target, draft, smc_particles=3, smc_gamma=2, smc_mode="auto", smc_auto_costs=PLAIN_COSTS,
+                      **generate_kwargs)
+    assert "p" in "".join(out.round_modes)
+    assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
+
+
+def test_smc_rounds_within_the_default_bound_keep_the_target_for_a_middling_draft(evidence_from_one_round):
+    """The dangerous case (a draft at TV 0.5 from the target, where agreement looks good
+    enough for SMC-SD): with every round drafting, auto at the default bound stays at the
+    noise floor while SMC-SD alone does not."""
+    target, draft = enumerable_pair(draft_noise=0.15)
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    noise = noise_bound(exact, SAMPLES)
+    smc, _ = sample(target, draft, smc_particles=4, smc_gamma=1, smc_mode="smc")
+    assert total_variation(exact, smc) > noise
+    auto, _ = sample(target, draft, smc_particles=4, smc_gamma=1, smc_mode="auto", smc_auto_costs=SPEC_COSTS)
+    assert total_variation(exact, auto) <= noise
+
+
+def test_a_looser_bound_runs_smc_rounds_but_not_with_a_too_sharp_draft(evidence_from_one_round):
+    """The bound decides: a good draft at a loose bound gets SMC-SD rounds; the same draft at
+    a temperature of 1e-6 (every particle proposes its argmax) gets none."""
+    target, draft = enumerable_pair(draft_noise=0.02)
+    knobs = dict(smc_particles=4, smc_gamma=1, smc_mode="auto", smc_auto_costs=SPEC_COSTS, smc_auto_threshold=0.1)
+    _, out = sample(target, draft, samples=500, **knobs)
+    assert int(out.num_smc_rounds.sum()) > 0
+    planner.MIN_EVIDENCE = 100  # (restored by the fixture) ... but not on too little evidence
+    _, few = sample(target, draft, samples=500, **knobs)
+    assert int(few.num_smc_rounds.sum()) == 0
+    planner.MIN_EVIDENCE = 1
+    _, sharp = sample(target, draft, samples=500, smc_draft_temperature=1e-6, **knobs)
+    assert int(sharp.num_smc_rounds.sum()) == 0 and int(sharp.num_exact_rounds.sum()) > 0
+
+
+@pytest.mark.parametrize("runner", ["eager", "static", "paged"])
+def test_greedy_auto_with_plain_rounds_is_the_targets_greedy_output(pair, probe_every_round, runner):
+    """Plain rounds, probes and the draft catching up after them, through every runner's
+    cache bookkeeping (rollbacks of exact rounds, rows of different lengths)."""
+    from hf_smcsd.runners.paged import PagedRunner
+
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]])
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=19, pad_token_id=0,
+                               eos_token_id=None)
+    extra = dict(cache_implementation="static") if runner == "static" else {}
+    if runner == "paged":
+        for model in (target, draft):
+            model.smc_runner = (lambda m: lambda: PagedRunner(m, tokens_per_block=4))(model)
+    try:
+        for cost_model in (PLAIN_COSTS, SPEC_COSTS, None):  # None: measured (the calibration feeds and rolls back)
+            torch.manual_seed(0)
+            out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=3,
+                                        smc_mode="auto", smc_auto_costs=cost_model, smc_draft_temperature=1.0,
+                                        do_sample=False, max_new_tokens=19, pad_token_id=0, eos_token_id=None,
+                                        return_dict_in_generate=True, **extra)
+            assert torch.equal(out.sequences, expected), (runner, out.round_modes)
+            modes = set("".join(out.round_modes))
+            if cost_model is not None:
+                assert modes == ({"p", "e"} if cost_model is PLAIN_COSTS else {"e"})
+    finally:
+        for model in (target, draft):
+            vars(model).pop("smc_runner", None)
+
+
+def test_round_plans_say_what_each_round_did_and_why(pair, probe_every_round):
+    target, draft = pair
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12]])
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=4, smc_gamma=3,
+                                smc_mode="auto", smc_auto_costs=PLAIN_COSTS, do_sample=True, max_new_tokens=20,
+                                eos_token_id=None, return_dict_in_generate=True)
+    for b in range(2):
+        modes, plans = out.round_modes[b], out.round_plans[b]
+        assert [p["mode"] for p in plans] == list(modes)
+        assert all((p["k"] == 0) == (p["mode"] == "p") for p in plans)
+        assert all(p["bias_bound"] is None for p in plans if p["mode"] == "p")
+        assert all(p["predicted_tokens_per_s"] > 0 for p in plans)
+        assert int(out.num_plain_rounds[b]) == modes.count("p") == int(out.plain_tokens[b])
+        assert int(out.plain_tokens[b] + out.exact_tokens[b] + out.smc_tokens[b]) == 20
+
+
+def test_fixed_costs_make_auto_reproducible_and_measured_costs_are_cached(pair):
+    from hf_smcsd import smc
+
+    target, draft = pair
+    ids = torch.tensor([[5, 6, 7]])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(hf_smcsd.smc_generate(target, draft, ids, smc_particles=4, smc_gamma=3, smc_mode="auto",
+                                          smc_auto_costs=SPEC_COSTS, do_sample=True, max_new_tokens=16,
+                                          eos_token_id=None))
+    assert torch.equal(runs[0], runs[1])
+    assert not SPEC_COSTS.overhead["spec"]  # fixed costs are not updated by the run
+    smc._COST_CACHE.clear()
+    hf_smcsd.smc_generate(target, draft, ids, smc_particles=4, smc_gamma=3, smc_mode="auto", do_sample=True,
+                          max_new_tokens=8, eos_token_id=None)
+    (measured,) = smc._COST_CACHE.values()
+    assert measured.verify.known and measured.draft_step.known and set(measured.overhead) <= {"plain", "spec"}
