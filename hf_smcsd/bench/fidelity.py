@@ -41,7 +41,7 @@ import torch
 from .. import fidelity as exact_fidelity
 from ..generate import smc_generate
 from ..tiny import perturbed_copy, tiny_llama
-from . import common, data
+from . import common, data, real_pair
 from .bench import assistant_settings, left_pad
 
 SECTIONS = ("exact", "task", "loglik")
@@ -346,6 +346,12 @@ def _yerr(rows, key, low, high):
 
 # ----------------------------------------------------------------------------- CLI
 
+def real_settings(args) -> list[dict]:
+    """The real pair's settings: the baselines, then every engine method (as in run_task)."""
+    return _with_assisted(args.assisted_gamma) + engine_settings(args.modes, args.gammas, args.particles,
+                                                                 args.mixed_schedule)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hf-smcsd fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -362,6 +368,8 @@ def parse_args(argv):
                         help="samples of assisted generation (batch size 1, so one call each)")
     parser.add_argument("--exact-new-tokens", type=int, default=4, help="1..4")
     parser.add_argument("--problems", type=int, default=300, help="held-out arithmetic problems (task section)")
+    parser.add_argument("--task-seeds", type=int, default=2,
+                        help="with --target smollm2: samples per factual question (task section)")
     parser.add_argument("--loglik-prompts", type=int, default=8, help="code prompts (loglik section)")
     parser.add_argument("--loglik-seeds", type=int, default=2, help="samples per prompt (loglik section)")
     parser.add_argument("--loglik-new-tokens", type=int, default=48)
@@ -434,9 +442,14 @@ def main(argv=None) -> int:
         report["models"] = names
         report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
     if "task" in args.sections:
-        task = run_task(target, draft, tokenizer, args.particles, args.gammas, problems=args.problems,
-                        temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma,
-                        modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
+        if real_pair.is_real_pair(args.target):  # factual questions instead of arithmetic
+            task = real_pair.run_task(target, draft, tokenizer, real_settings(args), temperature=args.temperature,
+                                      seed=args.seed, seeds=args.task_seeds, auto_threshold=args.auto_threshold)
+            args.problems = task["rows"][0]["problems"]  # questions x seeds, for the titles below
+        else:
+            task = run_task(target, draft, tokenizer, args.particles, args.gammas, problems=args.problems,
+                            temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma,
+                            modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
         report["task"] = task
         common.write_csv(out_dir / "fidelity_task.csv", task["rows"], TASK_COLUMNS)
         written.append(out_dir / "fidelity_task.csv")
@@ -447,11 +460,17 @@ def main(argv=None) -> int:
                                            out_dir / "fidelity_task.png"):
             written.append(out_dir / "fidelity_task.png")
     if "loglik" in args.sections:
-        prompts = data.code_prompts(args.loglik_prompts)
-        loglik = run_loglik(target, draft, tokenizer, args.particles, args.gammas, prompts,
-                            max_new_tokens=args.loglik_new_tokens, temperature=args.temperature,
-                            seeds=args.loglik_seeds, seed=args.seed, assisted_gamma=args.assisted_gamma,
-                            modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
+        if real_pair.is_real_pair(args.target):  # chat prompts; replies end at <|im_end|>
+            loglik = real_pair.run_loglik(target, draft, tokenizer, real_settings(args),
+                                          real_pair.chat_prompts(tokenizer, args.loglik_prompts),
+                                          max_new_tokens=args.loglik_new_tokens, temperature=args.temperature,
+                                          seeds=args.loglik_seeds, seed=args.seed, auto_threshold=args.auto_threshold)
+        else:
+            loglik = run_loglik(target, draft, tokenizer, args.particles, args.gammas,
+                                data.code_prompts(args.loglik_prompts), max_new_tokens=args.loglik_new_tokens,
+                                temperature=args.temperature, seeds=args.loglik_seeds, seed=args.seed,
+                                assisted_gamma=args.assisted_gamma, modes=args.modes, schedule=args.mixed_schedule,
+                                auto_threshold=args.auto_threshold)
         report["loglik"] = loglik
         common.write_csv(out_dir / "fidelity_loglik.csv", loglik["rows"], LOGLIK_COLUMNS)
         written.append(out_dir / "fidelity_loglik.csv")
