@@ -339,9 +339,9 @@ def cmd_train(args) -> None:
             if elapsed > args.budget_s or (args.max_steps and step >= args.max_steps):
                 done = True
                 break
-            # Linear warm-up over 20 steps, then cosine decay over the time budget.
+            # Linear warm-up over --warmup steps, then cosine decay over the time budget.
             fraction = min(1.0, elapsed / args.budget_s)
-            lr = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, _ = draft_loss(draft, batch, pad_id)
@@ -508,12 +508,13 @@ def main(argv=None) -> None:
             p.add_argument("--budget-s", type=float, default=1200, help="stop generating training data after this")
         if name == "train":
             p.add_argument("--layers", default="0,1,2,3", help="target layers the draft starts from")
-            p.add_argument("--lr", type=float, default=3e-4)
+            p.add_argument("--lr", type=float, default=1e-3)
+            p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps")
             p.add_argument("--batch-tokens", type=int, default=1024)
-            p.add_argument("--budget-s", type=float, default=1800)
+            p.add_argument("--budget-s", type=float, default=1200)
             p.add_argument("--max-steps", type=int, default=0)
-            p.add_argument("--log-every", type=int, default=10)
-            p.add_argument("--eval-every", type=int, default=25)
+            p.add_argument("--log-every", type=int, default=5)
+            p.add_argument("--eval-every", type=int, default=10)
     args = parser.parse_args(argv)
     {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
 

@@ -15,8 +15,9 @@ A real model has no enumerable output distribution, so fidelity is measured two 
   (capitals, colours, counts), asked through the chat template; a reply is correct when it
   contains the expected word (or an accepted variant). Accuracy with a Wilson 95% interval.
 
-None of these prompts or questions is among the draft's training prompts
-(build_scripts/distill_smollm2.py writes its prompts from other templates and topics).
+None of these prompts or questions is among the 78 prompts whose replies the committed draft
+was trained on (build_scripts/distill_smollm2.py; its prompt lists include capital questions,
+so this was checked against the prompts actually used).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ FACT_QUESTIONS = [
     ("What is the capital of Germany?", ["berlin"]),
     ("What is the capital of Spain?", ["madrid"]),
     ("What is the capital of Russia?", ["moscow"]),
-    ("What is the capital of Egypt?", ["cairo"]),
+    ("What is the capital of Portugal?", ["lisbon"]),
     ("What is the capital of China?", ["beijing"]),
     ("What is the capital of the United States?", ["washington"]),
     ("What color is grass?", ["green"]),
@@ -83,7 +84,7 @@ FACT_QUESTIONS = [
     ("Who wrote Romeo and Juliet?", ["shakespeare"]),
     ("What language is spoken in Brazil?", ["portuguese"]),
 ]
-TASK_INSTRUCTION = " Answer in one word."
+TASK_INSTRUCTION = " Answer in one sentence."
 TASK_NEW_TOKENS = 16
 
 
