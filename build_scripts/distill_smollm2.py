@@ -422,16 +422,19 @@ def acceptance(target, draft, rows, temperatures, pad_id):
 @torch.no_grad()
 def step_cost(model, batch: int, context: int = 64, steps: int = 16, repeats: int = 3) -> float:
     """Median seconds of one cached decoding step (batch rows, `context` tokens already cached)."""
+    from hf_smcsd import compat
+
     ids = torch.randint(100, 1000, (batch, context))
+    name = compat.cache_kwarg(model)  # past_key_values, or cache from transformers 5.24 on
     times = []
     for _ in range(repeats):
         out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = compat.output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, use_cache=True, **{name: cache})
+            cache = compat.output_cache(out)
             token = out.logits[:, -1:].argmax(-1)
         times.append((time.perf_counter() - start) / steps)
     return sorted(times)[len(times) // 2]

@@ -135,6 +135,7 @@ def _load_converted(dtype: torch.dtype):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = _from_pretrained(AutoModelForCausalLM, folder, dtype=dtype)
+            _align_special_tokens(tokenizer, model.config)
             return model, tokenizer
         except (OSError, ValueError):
             pass  # a damaged cache: convert again
@@ -142,9 +143,21 @@ def _load_converted(dtype: torch.dtype):
         print(f"hf_smcsd: converting {gguf.name} once (a minute or more), cached in {folder}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = _from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _align_special_tokens(tokenizer, model.config)
     if folder is not None:
         _convert_to_cache(model, tokenizer, folder)
     return model.to(dtype), tokenizer
+
+
+def _align_special_tokens(tokenizer, config) -> None:
+    """Make the tokenizer's eos / bos / pad the model's. transformers 4.57.3's GGUF tokenizer
+    conversion names `<|im_start|>` (the bos, id 1) as eos, while the model config, like the
+    GGUF metadata, has eos and pad `<|im_end|>` (id 2): generate() would not stop at the end of
+    a reply."""
+    for name in ("eos", "bos", "pad"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{name}_token_id") != token_id:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _from_pretrained(auto_class, folder, dtype, **kwargs):
