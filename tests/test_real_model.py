@@ -66,7 +66,7 @@ def test_greedy_verification_equals_target_greedy(pair):
     greedy = dict(do_sample=False, max_new_tokens=NEW, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
         alone = target.generate(**enc, **greedy)
-        verified = target.generate(**enc, **greedy, assistant_model=draft, smc_particles=4, smc_gamma=4)
+        verified = target.generate(**enc, **greedy, assistant_model=draft, smc_particles=2, smc_gamma=2)
     assert torch.equal(verified, alone), tokenizer.batch_decode(torch.cat([alone, verified]))
     assert "Paris" in tokenizer.decode(alone[0, enc["input_ids"].shape[1]:])
 
@@ -82,22 +82,24 @@ def sample(target, draft, tokenizer, enc, **knobs):
 def test_sampling_modes_write_text_of_the_asked_length_that_the_target_finds_likely(pair, mode):
     target, draft, tokenizer = pair
     enc = chat_batch(tokenizer, QUESTIONS)
-    out = sample(target, draft, tokenizer, enc, assistant_model=draft, smc_particles=4, smc_gamma=4, smc_mode=mode)
+    # Exact rounds with this weak draft accept about half a token: K=2 keeps them short.
+    knobs = dict(smc_particles=4, smc_gamma=4) if mode == "smc" else dict(smc_particles=2, smc_gamma=2)
+    out = sample(target, draft, tokenizer, enc, assistant_model=draft, smc_mode=mode, **knobs)
     assert out.shape == (len(QUESTIONS), enc["input_ids"].shape[1] + NEW)
     loglik = reply_log_likelihood(target, enc, out)
     replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:])
     for reply in replies:
         assert len(set(reply.split())) >= 4, replies  # words, not one token repeated
     if mode == "exact":
-        # Exact mode samples the target's own distribution: its replies score like the
-        # target's own samples at temperature 0.7 (about -1 nats/token at temperature 1).
-        # The untrained draft under SMC-SD scored -3.9 and -4.3 here ("and, and, and").
+        # Exact mode samples the target's own distribution, so its replies score like the
+        # target's own samples. The untrained draft under SMC-SD scored -3.9 and -4.3 here
+        # ("and, and, and"), so this bound tells fluent text from a draft-led loop.
         assert (loglik > -3.0).all(), (loglik, replies)
     else:
         # SMC-SD with N=4 follows the draft where the draft is confident, and this draft
-        # agrees with the target on only about 22% of the probability mass: its replies
-        # score about -4 nats/token (readable words, weaker text than the target's). The
-        # weighting still pulls them well above the draft's own samples.
+        # shares only about 22% of the target's probability mass: its replies scored -4.0
+        # and -4.7 (words, but weaker text than the target's). The weighting still has to
+        # pull them well above the draft's own samples.
         draft_alone = reply_log_likelihood(target, enc, sample(draft, None, tokenizer, enc))
         assert (loglik > -6.0).all() and loglik.mean() > draft_alone.mean() + 1.0, (loglik, draft_alone, replies)
 
