@@ -456,7 +456,8 @@ def main(argv=None) -> int:
         print(format_rows(task["rows"], f"task: accuracy on {args.problems} held-out problems (Wilson 95% interval), "
                           f"temperature {args.temperature}", "accuracy", "accuracy_low", "accuracy_high"))
         if not args.no_plots and plot_rows(task["rows"], "accuracy", "accuracy_low", "accuracy_high",
-                                           "accuracy (held-out a+b=)", f"task accuracy, {args.problems} problems",
+                                           "accuracy (factual questions)" if real_pair.is_real_pair(args.target)
+                                           else "accuracy (held-out a+b=)", f"task accuracy, {args.problems} problems",
                                            out_dir / "fidelity_task.png"):
             written.append(out_dir / "fidelity_task.png")
     if "loglik" in args.sections:
