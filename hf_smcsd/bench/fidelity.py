@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from ..generate import smc_generate
 from ..testing import enumeration
 from ..testing.tiny_models import perturbed_copy, tiny_llama
-from . import common, data
+from . import common, data, real_pair
+from .common import sample_outputs
 
 SECTIONS = ("exact", "task", "loglik")
 EXACT_COLUMNS = ["method", "particles", "gamma", "samples", "tv", "tv_low", "tv_high", "noise_floor_q95", "consistent",
@@ -67,40 +67,6 @@ def _with_assisted(assisted_gamma) -> list[dict]:
     """The baselines' settings: the target alone, the draft alone, assisted generation."""
     return [{"method": m, "particles": None, "gamma": assisted_gamma if m == "assisted" else None, "schedule": None}
             for m in ("target", "draft", "assisted")]
-
-
-def sample_outputs(method: str, target, draft, input_ids, attention_mask, *, particles=None, gamma=None,
-                   max_new_tokens: int, temperature: float, stop_ids, pad_id: int, seed: int, schedule=None,
-                   auto_threshold=None) -> torch.Tensor:
-    """New tokens `[B, W]` of one sample per prompt row from `method`: "target", "draft",
-    "assisted" (batch 1 per call, so rows run one by one) or an engine method ("smc-sd",
-    "exact", "mixed" with `schedule`, "auto" with `auto_threshold`)."""
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id, eos_token_id=list(stop_ids) or None)
-    prompt = input_ids.shape[1]
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        if method == "target":
-            return target.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
-        if method == "draft":
-            return draft.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)[:, prompt:]
-        if method in common.ENGINE_MODES:
-            knobs = common.engine_knobs(method, schedule, auto_threshold)
-            return smc_generate(target, draft, input_ids, attention_mask=attention_mask, smc_particles=particles,
-                                smc_gamma=gamma, **knobs, **sampling)[:, prompt:]
-        if method == "assisted":
-            rows = []
-            with common.assistant_settings(draft, gamma if gamma is not None else "default"):
-                for ids, mask in zip(input_ids, attention_mask):  # transformers: batch size 1 only
-                    ids = ids[mask.bool()].unsqueeze(0)
-                    out = target.generate(input_ids=ids, assistant_model=draft, **sampling)[0, ids.shape[1]:]
-                    rows.append(out)
-            width = max(len(r) for r in rows)
-            padded = torch.full((len(rows), width), pad_id, dtype=torch.long, device=input_ids.device)
-            for i, r in enumerate(rows):
-                padded[i, : len(r)] = r
-            return padded
-    raise ValueError(f"method={method!r}: use target, draft, assisted, or one of {', '.join(common.ENGINE_MODES)}")
 
 
 # ----------------------------------------------------------------------------- exact TV
@@ -345,6 +311,12 @@ def _yerr(rows, key, low, high):
 
 # ----------------------------------------------------------------------------- CLI
 
+def real_settings(args) -> list[dict]:
+    """The real pair's settings: the baselines, then every engine method (as in run_task)."""
+    return _with_assisted(args.assisted_gamma) + engine_settings(args.modes, args.gammas, args.particles,
+                                                                 args.mixed_schedule)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hf-smcsd fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -361,6 +333,8 @@ def parse_args(argv):
                         help="samples of assisted generation (batch size 1, so one call each)")
     parser.add_argument("--exact-new-tokens", type=int, default=4, help="1..4")
     parser.add_argument("--problems", type=int, default=300, help="held-out arithmetic problems (task section)")
+    parser.add_argument("--task-seeds", type=int, default=2,
+                        help="with --target smollm2: samples per factual question (task section)")
     parser.add_argument("--loglik-prompts", type=int, default=8, help="code prompts (loglik section)")
     parser.add_argument("--loglik-seeds", type=int, default=2, help="samples per prompt (loglik section)")
     parser.add_argument("--loglik-new-tokens", type=int, default=48)
@@ -433,24 +407,36 @@ def main(argv=None) -> int:
         report["models"] = names
         report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
     if "task" in args.sections:
-        task = run_task(target, draft, tokenizer, args.particles, args.gammas, problems=args.problems,
-                        temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma,
-                        modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
+        if real_pair.is_real_pair(args.target):  # factual questions instead of arithmetic
+            task = real_pair.run_task(target, draft, tokenizer, real_settings(args), temperature=args.temperature,
+                                      seed=args.seed, seeds=args.task_seeds, auto_threshold=args.auto_threshold)
+            args.problems = task["rows"][0]["problems"]  # questions x seeds, for the titles below
+        else:
+            task = run_task(target, draft, tokenizer, args.particles, args.gammas, problems=args.problems,
+                            temperature=args.temperature, seed=args.seed, assisted_gamma=args.assisted_gamma,
+                            modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
         report["task"] = task
         common.write_csv(out_dir / "fidelity_task.csv", task["rows"], TASK_COLUMNS)
         written.append(out_dir / "fidelity_task.csv")
         print(format_rows(task["rows"], f"task: accuracy on {args.problems} held-out problems (Wilson 95% interval), "
                           f"temperature {args.temperature}", "accuracy", "accuracy_low", "accuracy_high"))
         if not args.no_plots and plot_rows(task["rows"], "accuracy", "accuracy_low", "accuracy_high",
-                                           "accuracy (held-out a+b=)", f"task accuracy, {args.problems} problems",
+                                           "accuracy (factual questions)" if real_pair.is_real_pair(args.target)
+                                           else "accuracy (held-out a+b=)", f"task accuracy, {args.problems} problems",
                                            out_dir / "fidelity_task.png"):
             written.append(out_dir / "fidelity_task.png")
     if "loglik" in args.sections:
-        prompts = data.code_prompts(args.loglik_prompts)
-        loglik = run_loglik(target, draft, tokenizer, args.particles, args.gammas, prompts,
-                            max_new_tokens=args.loglik_new_tokens, temperature=args.temperature,
-                            seeds=args.loglik_seeds, seed=args.seed, assisted_gamma=args.assisted_gamma,
-                            modes=args.modes, schedule=args.mixed_schedule, auto_threshold=args.auto_threshold)
+        if real_pair.is_real_pair(args.target):  # chat prompts; replies end at <|im_end|>
+            loglik = real_pair.run_loglik(target, draft, tokenizer, real_settings(args),
+                                          real_pair.chat_prompts(tokenizer, args.loglik_prompts),
+                                          max_new_tokens=args.loglik_new_tokens, temperature=args.temperature,
+                                          seeds=args.loglik_seeds, seed=args.seed, auto_threshold=args.auto_threshold)
+        else:
+            loglik = run_loglik(target, draft, tokenizer, args.particles, args.gammas,
+                                data.code_prompts(args.loglik_prompts), max_new_tokens=args.loglik_new_tokens,
+                                temperature=args.temperature, seeds=args.loglik_seeds, seed=args.seed,
+                                assisted_gamma=args.assisted_gamma, modes=args.modes, schedule=args.mixed_schedule,
+                                auto_threshold=args.auto_threshold)
         report["loglik"] = loglik
         common.write_csv(out_dir / "fidelity_loglik.csv", loglik["rows"], LOGLIK_COLUMNS)
         written.append(out_dir / "fidelity_loglik.csv")
