@@ -83,13 +83,9 @@ def pair():
 
 def left_pad(prompts, pad=0):
     """Left-pad lists of token ids into (input_ids, attention_mask)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+    from hf_smcsd.bench.common import left_pad as pad_left
+
+    return pad_left(prompts, pad)
 
 
 def full_log_probs(model, tokens, temperature=1.0):

@@ -103,13 +103,9 @@ CASES = {
 
 
 def left_pad(prompts, pad=0):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+    from hf_smcsd.bench.common import left_pad as pad_left
+
+    return pad_left(prompts, pad)
 
 
 def run_case(name, target, draft):
