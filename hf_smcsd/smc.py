@@ -368,21 +368,23 @@ class Population:
         pieces += [x if index is None else x[index] for x in new]
         return torch.cat(pieces, dim=1)
 
-    def by_clock(self, reads_history: bool, compute: Callable) -> torch.Tensor:
-        """`compute(index)` for the live rows, one call per distinct group clock (rows of
-        different lengths cannot share one sequence tensor)."""
+    def by_clock(self, reads_history: bool, compute: Callable, clocks: torch.Tensor | None = None) -> torch.Tensor:
+        """`compute(index)` over the entries of `clocks` (default: every live row's group
+        clock), one call per distinct clock (rows of different lengths cannot share one
+        sequence tensor)."""
         if not reads_history:
             return compute(None)
-        row_clock = self.clock[self.rows // self.n]
-        values = torch.unique(row_clock)
+        if clocks is None:
+            clocks = self.clock[self.rows // self.n]
+        values = torch.unique(clocks)
         if values.numel() == 1:
             return compute(None)
         out = None
         for value in values.tolist():
-            index = (row_clock == value).nonzero().squeeze(1)
+            index = (clocks == value).nonzero().squeeze(1)
             part = compute(index)
             if out is None:
-                out = part.new_empty((self.rows.shape[0],) + part.shape[1:])
+                out = part.new_empty((clocks.shape[0],) + part.shape[1:])
             out[index] = part
         return out
 
@@ -408,17 +410,7 @@ class Population:
             history.prompts = self.rows[rows] // self.n
             return fn(logits if index is None else logits[index], history)
 
-        if not getattr(fn, "reads_history", True):
-            return compute(None)
-        group_clock = self.clock[self.groups]
-        out = None
-        for value in torch.unique(group_clock).tolist():
-            index = (group_clock == value).nonzero().squeeze(1)
-            part = compute(index)
-            if out is None:
-                out = part.new_empty((logits.shape[0],) + part.shape[1:])
-            out[index] = part
-        return out
+        return self.by_clock(getattr(fn, "reads_history", True), compute, self.clock[self.groups])
 
     def stream_settled(self) -> None:
         """Hand the stream the new tokens every particle now shares (resampling and the final
