@@ -105,12 +105,28 @@ def test_k_grows_with_a_perfect_draft(models):
     assert len(accepted) < len(constant.accepted_draft_tokens[0])  # fewer rounds for the same tokens
 
 
+def _draft_forwards(draft):
+    """A list that counts the draft's forward calls (one per drafted depth after the first)."""
+    calls = []
+    draft.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
 def test_k_shrinks_with_a_useless_draft(models):
     target, useless = models
-    out = _run(target, useless, num_assistant_tokens_schedule="heuristic_transient", smc_gamma=8)
+    draft = copy.deepcopy(useless)
+    calls = _draft_forwards(draft)
+    out = _run(target, draft, num_assistant_tokens_schedule="heuristic_transient", smc_gamma=8)
     accepted = out.accepted_draft_tokens[0]
     assert accepted.float().mean() < 1  # what makes the draft useless
     assert out.num_assistant_tokens == 1
+    adaptive = (len(calls) - 1) / len(accepted)  # draft forwards per round, less the prefill
+    calls.clear()
+    constant = _run(target, draft, smc_gamma=8)
+    constant = (len(calls) - 1) / len(constant.accepted_draft_tokens[0])
+    # K = 8 drafts 8 depths a round (fewer in the last); the heuristic is down to 1 within 7 rounds.
+    print(f"draft forwards per round: constant K=8 {constant:.2f}, heuristic {adaptive:.2f}")
+    assert constant > 7 and adaptive < 3
 
 
 def test_heuristic_persists_and_transient_does_not(models):
