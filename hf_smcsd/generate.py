@@ -306,6 +306,7 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         auto_threshold=knobs["smc_auto_threshold"],
         auto_costs=knobs["smc_auto_costs"],
         gamma_schedule=knobs.get("num_assistant_tokens_schedule", "constant"),
+        gamma_limit=knobs.get("gamma_limit"),
         **extra,
     )
 

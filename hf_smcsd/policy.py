@@ -40,10 +40,14 @@ K_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 ADAPTIVE_K_LIMIT = 16
 
 
-def adaptive_k_limit(start: int, max_new_tokens: int) -> int:
+def adaptive_k_limit(start: int, max_new_tokens: int, backend_limit: int | None = None) -> int:
     """The cap of an adaptive K: `ADAPTIVE_K_LIMIT`, or the starting K if larger, and never
-    more than a budget can keep (`max_new_tokens`), but never below the start either."""
-    return max(start, min(ADAPTIVE_K_LIMIT, max_new_tokens))
+    more than a budget can keep (`max_new_tokens`) or the backend verifies in one step
+    (`backend_limit`, e.g. a TensorRT engine's built K), but never below the start either."""
+    cap = min(ADAPTIVE_K_LIMIT, max_new_tokens)
+    if backend_limit is not None:
+        cap = min(cap, backend_limit)
+    return max(start, cap)
 
 
 def adapt_draft_tokens(k: torch.Tensor, accepted: torch.Tensor, drafted: torch.Tensor, limit: int) -> torch.Tensor:

@@ -112,6 +112,7 @@ class SMCSettings:
     # transformers' num_assistant_tokens_schedule (policy.K_SCHEDULES): "constant" keeps K =
     # `gamma`; the heuristic ones adapt the K of exact rounds (`adapts_gamma`).
     gamma_schedule: str = "constant"
+    gamma_limit: int | None = None  # the most K the backend verifies in one step (None: no limit)
 
     def __post_init__(self):
         self.validate()
@@ -136,7 +137,9 @@ class SMCSettings:
     def max_gamma(self) -> int:
         """The largest K a round may draft: `gamma`, or with an adaptive schedule its cap
         (policy.adaptive_k_limit). Buffers and checks sized before the run use it."""
-        return policy.adaptive_k_limit(self.gamma, self.max_new_tokens) if self.adapts_gamma else self.gamma
+        if not self.adapts_gamma:
+            return self.gamma
+        return policy.adaptive_k_limit(self.gamma, self.max_new_tokens, self.gamma_limit)
 
     def validate(self) -> None:
         def bad(name, value, fix):

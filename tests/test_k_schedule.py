@@ -54,8 +54,11 @@ def test_the_cap():
     assert policy.adaptive_k_limit(20, 100) == 20  # a larger start is the cap
     assert policy.adaptive_k_limit(4, 9) == 9  # never more than a budget keeps
     assert policy.adaptive_k_limit(4, 2) == 4  # never below the start
+    assert policy.adaptive_k_limit(4, 100, backend_limit=7) == 7  # what an engine verifies in one step
+    assert policy.adaptive_k_limit(8, 100, backend_limit=7) == 8
     settings = SMCSettings(gamma=4, max_new_tokens=64, mode="exact", gamma_schedule="heuristic")
     assert settings.adapts_gamma and settings.max_gamma == 16
+    assert SMCSettings(gamma=4, max_new_tokens=64, mode="exact", gamma_schedule="heuristic", gamma_limit=6).max_gamma == 6
     for mode in ("smc", "auto"):  # no adaptation there: sized as before
         settings = SMCSettings(gamma=4, max_new_tokens=64, mode=mode, gamma_schedule="heuristic")
         assert not settings.adapts_gamma and settings.max_gamma == 4
