@@ -229,3 +229,29 @@ def test_exact_mode_with_adaptive_k_stays_lossless(monkeypatch):
         print(f"exact N={particles}, heuristic K from {start} (K after each round {ks}): TV {tv:.4f} "
               f"(noise bound {noise:.4f})")
         assert tv <= noise
+
+
+def test_runners_agree_while_k_changes(models):
+    """K changes every round here (up with a perfect draft, down with a useless one): the static
+    runner (buffers sized for the cap) and the paged runner return the eager runner's tokens."""
+    from hf_smcsd.runners import EagerRunner
+    from hf_smcsd.runners.paged import PagedRunner
+    from hf_smcsd.runners.static import StaticRunner
+    from hf_smcsd.smc import smc_sample
+
+    from conftest import left_pad
+
+    target, useless = models
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]])
+    for draft, gamma in ((copy.deepcopy(target), 2), (useless, 6)):
+        settings = SMCSettings(particles=2, gamma=gamma, max_new_tokens=48, mode="exact", gamma_schedule="heuristic")
+        results = []
+        for make in (EagerRunner, lambda m: StaticRunner(m, max_length=ids.shape[1] + 48 + 2 * (settings.max_gamma + 1)),
+                     lambda m: PagedRunner(m, tokens_per_block=4)):
+            torch.manual_seed(0)
+            results.append(smc_sample(make(target), make(draft), ids, mask, settings))
+        eager = results[0]
+        assert eager.gamma_reached != gamma
+        for other in results[1:]:
+            assert torch.equal(eager.tokens, other.tokens) and torch.equal(eager.lengths, other.lengths)
+            assert [a.tolist() for a in eager.accepted] == [a.tolist() for a in other.accepted]
