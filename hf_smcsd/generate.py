@@ -78,7 +78,10 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     step), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
     K would add: the quality measure compared with `smc_auto_threshold`; None for plain
     steps, NaN before any evidence) and `predicted_tokens_per_s` (the batch's, by the
-    measured costs, for the K chosen).
+    measured costs, for the K chosen). With an adaptive `num_assistant_tokens_schedule`
+    ("heuristic" or "heuristic_transient") in exact, mixed or greedy runs,
+    `num_assistant_tokens`: the K the schedule reached (what the next exact round would
+    draft; "heuristic" also stores it on the assistant's generation config); else None.
     """
 
     particle_sequences: torch.LongTensor | None = None
@@ -99,6 +102,7 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     num_plain_rounds: torch.LongTensor | None = None
     plain_tokens: torch.LongTensor | None = None
     round_plans: list | None = None
+    num_assistant_tokens: int | None = None
 
 
 def patch(model):
@@ -198,7 +202,9 @@ def _check_request(model, draft, knobs: dict, explicit: set, args: tuple, kwargs
     """Every check before any work (`hf_smcsd.validation`): the knobs with plain values, and
     the vocabulary both models run on when their widths differ by padding (else None)."""
     knobs["smc_gamma"] = validation.draft_tokens(kwargs, "smc_gamma" in explicit, knobs["smc_gamma"], draft)
+    schedule = validation.draft_tokens_schedule(kwargs, draft)
     knobs = validation.check_knobs(knobs)
+    knobs["num_assistant_tokens_schedule"] = schedule
     shared_vocab = validation.check_models(model, draft, kwargs)
 
     def setting(name):
@@ -209,6 +215,7 @@ def _check_request(model, draft, knobs: dict, explicit: set, args: tuple, kwargs
     validation.check_prompts(prompts, kwargs.get("attention_mask"), (("model", model), ("assistant_model", draft)))
     validation.warn_ignored_outputs(setting)
     validation.warn_ineffective_knobs(explicit, knobs["smc_mode"], greedy=not setting("do_sample"))
+    validation.warn_ineffective_schedule(schedule, knobs["smc_mode"], greedy=not setting("do_sample"))
     return knobs, shared_vocab
 
 
@@ -298,6 +305,8 @@ def _settings_kwargs(knobs: dict, **extra) -> dict:
         schedule=knobs["smc_schedule"],
         auto_threshold=knobs["smc_auto_threshold"],
         auto_costs=knobs["smc_auto_costs"],
+        gamma_schedule=knobs.get("num_assistant_tokens_schedule", "constant"),
+        gamma_limit=knobs.get("gamma_limit"),
         **extra,
     )
 
@@ -428,7 +437,7 @@ def _smc_decode(
     ))
     _check_positions_fit(model, smc_draft, input_ids, attention_mask, max_new_tokens)
     if greedy or settings.mode != "smc":  # exact rounds roll caches back: sliding windows must hold it all
-        longest = prompt_length + max_new_tokens + settings.gamma + 1
+        longest = prompt_length + max_new_tokens + settings.max_gamma + 1
         for name, m in (("model", model), ("assistant_model", smc_draft)):
             if isinstance(m, torch.nn.Module):
                 compat.check_rollback_fits(m, longest, name)
@@ -445,7 +454,7 @@ def _smc_decode(
         streamer.streamer.put(input_ids.cpu())  # the prompt first, as transformers does
     distributed.prepare(model, smc_draft)  # tensor parallel: same generator state on every rank
     runner_options = dict(static=smc_knobs["static"], compile=smc_knobs["smc_compile"],
-                          max_length=prompt_length + max_new_tokens + 2 * (settings.gamma + 1))
+                          max_length=prompt_length + max_new_tokens + 2 * (settings.max_gamma + 1))
     # The loop points per-row processor state at its particle rows; the scores pass below (one
     # row per returned sequence) and a processor the caller reuses need the rows generate() set.
     row_state = _processor_row_state(logits_processor)
@@ -464,6 +473,11 @@ def _smc_decode(
     finally:
         for processor, value in row_state:
             processor.prompt_ignore_length = value
+    if result.gamma_reached is not None and settings.gamma_schedule == "heuristic":
+        # As transformers does at the end of assisted generation: the next call starts there.
+        config = getattr(smc_draft, "generation_config", None)
+        if config is not None:
+            config.num_assistant_tokens = result.gamma_reached
     if streamer is not None:  # the rest of the returned particle (the caller ends the stream)
         chosen = int(result.chosen[0, 0])
         streamer.put(result.tokens[0, chosen, streamer.count : result.lengths[0, chosen]])
@@ -537,7 +551,7 @@ def _check_memory(target, draft, input_ids, settings: SMCSettings, knobs: dict, 
     the exact modes also hold one round of draft distributions."""
     memory.check_fits(
         target, draft, prompts=input_ids.shape[0], prompt_length=input_ids.shape[1], particles=settings.particles,
-        max_new_tokens=settings.max_new_tokens, gamma=settings.gamma,
+        max_new_tokens=settings.max_new_tokens, gamma=settings.max_gamma,
         exact_mode=settings.greedy or settings.mode != "smc", vocab_size=vocab_size,
     )
 
@@ -592,4 +606,5 @@ def _to_output(input_ids: torch.Tensor, result: SMCResult, pad: int, return_dict
         num_plain_rounds=result.num_plain_rounds,
         plain_tokens=result.plain_tokens,
         round_plans=result.round_plans,
+        num_assistant_tokens=result.gamma_reached,
     )

@@ -31,6 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--particles", "-N", type=int, default=8, help="smc_particles (default 8)")
     parser.add_argument("--gamma", "-K", type=int, default=4, help="smc_gamma, draft tokens per round (default 4)")
     parser.add_argument("--mode", default=None, help="smc_mode (smc, exact, mixed, auto); default: the library's")
+    parser.add_argument("--k-schedule", default=None, choices=["constant", "heuristic_transient"],
+                        help="num_assistant_tokens_schedule: heuristic_transient adapts the exact rounds' K from their "
+                        "accepted drafts, as transformers' assisted generation does (default: constant)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 (the default here) samples the untruncated target")
     parser.add_argument("--top-p", type=float, default=None)
@@ -104,6 +107,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
     knobs = {"smc_particles": args.particles, "smc_gamma": args.gamma}
     if args.mode is not None:
         knobs["smc_mode"] = args.mode
+    if args.k_schedule is not None:
+        knobs["num_assistant_tokens_schedule"] = args.k_schedule
     sampling = {"temperature": args.temperature, "top_k": args.top_k}
     if args.top_p is not None:
         sampling["top_p"] = args.top_p
@@ -134,6 +139,7 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
                 "plain_tokens": out.plain_tokens.tolist(),
                 "round_plans": [[_json_plan(plan) for plan in plans] for plans in out.round_plans],
                 "accepted_draft_tokens": [a.tolist() for a in out.accepted_draft_tokens],
+                "num_assistant_tokens": out.num_assistant_tokens,
                 "ess": [e.tolist() for e in out.ess],
                 "settings": {**knobs, **sampling, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
             },

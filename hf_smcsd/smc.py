@@ -109,6 +109,10 @@ class SMCSettings:
     auto_threshold: float = planner.DEFAULT_BIAS_BOUND  # auto: largest predicted bias of an SMC-SD round
     auto_costs: planner.CostModel | None = None  # auto: fixed costs (reproducible plans); None measures them
     greedy: bool = False  # exact rounds verify against the target's argmax (do_sample=False)
+    # transformers' num_assistant_tokens_schedule (policy.K_SCHEDULES): "constant" keeps K =
+    # `gamma`; the heuristic ones adapt the K of exact rounds (`adapts_gamma`).
+    gamma_schedule: str = "constant"
+    gamma_limit: int | None = None  # the most K the backend verifies in one step (None: no limit)
 
     def __post_init__(self):
         self.validate()
@@ -120,6 +124,22 @@ class SMCSettings:
         if self.draft_temperature is not None:
             return self.draft_temperature
         return max(self.temperature or 1.0, MIN_DRAFT_TEMPERATURE)
+
+    @property
+    def adapts_gamma(self) -> bool:
+        """Whether K adapts during the run: a heuristic schedule, and rounds that run exact
+        (exact, mixed, or greedy). SMC-SD rounds accept every draft, so they carry no
+        acceptance signal, and auto plans K itself (planner.py)."""
+        exact_rounds_run = self.greedy or self.mode in ("exact", "mixed")
+        return self.gamma_schedule != "constant" and exact_rounds_run
+
+    @property
+    def max_gamma(self) -> int:
+        """The largest K a round may draft: `gamma`, or with an adaptive schedule its cap
+        (policy.adaptive_k_limit). Buffers and checks sized before the run use it."""
+        if not self.adapts_gamma:
+            return self.gamma
+        return policy.adaptive_k_limit(self.gamma, self.max_new_tokens, self.gamma_limit)
 
     def validate(self) -> None:
         def bad(name, value, fix):
@@ -150,6 +170,9 @@ class SMCSettings:
             bad("smc_resample_method", self.resample_method, f"use one of {', '.join(RESAMPLING_METHODS)}.")
         if self.mode not in policy.MODES:
             bad("smc_mode", self.mode, f"use one of {', '.join(repr(m) for m in policy.MODES)}.")
+        if self.gamma_schedule not in policy.K_SCHEDULES:
+            bad("num_assistant_tokens_schedule", self.gamma_schedule,
+                f"use one of {', '.join(repr(m) for m in policy.K_SCHEDULES)} (how K adapts between rounds).")
         schedule = tuple(self.schedule) if isinstance(self.schedule, (tuple, list)) else None
         if (
             schedule is None
@@ -200,6 +223,7 @@ class SMCResult:
     num_plain_rounds: torch.Tensor | None = None  # [B] plain rounds (auto's K = 0: one target step, no draft)
     plain_tokens: torch.Tensor | None = None  # [B] tokens of plain rounds
     round_plans: list[list[dict]] = field(default_factory=list)  # auto: per prompt, per round: mode, k, why
+    gamma_reached: int | None = None  # adaptive K schedules: the K the next round would draft (None: constant)
     stats: dict = field(default_factory=dict)
 
 
@@ -231,7 +255,7 @@ class Population:
         # Grows as the clocks advance (a huge max_new_tokens does not allocate up front) and
         # keeps room for one round past the furthest clock, so writes at any group's clock
         # never need clamping.
-        columns = min(self.budget, _INITIAL_TOKENS) + settings.gamma + 1
+        columns = min(self.budget, _INITIAL_TOKENS) + settings.max_gamma + 1
         self.tokens = torch.full((total, columns), self.pad, dtype=torch.long, device=device)
         self.lengths = torch.zeros(total, dtype=torch.long, device=device)
         self.finished = torch.zeros(total, dtype=torch.bool, device=device)
@@ -243,6 +267,11 @@ class Population:
         self.rounds_run = torch.zeros(batch, dtype=torch.long, device=device)
         self.identical = torch.zeros(batch, dtype=torch.bool, device=device)
         self.force_exact = torch.zeros(batch, dtype=torch.bool, device=device)
+        # The K of rounds whose groups all run exact: `gamma`, or adapted by a heuristic
+        # schedule (policy.adapt_draft_tokens; float64, a round drafts its integer part).
+        # On the device, read with the round's first synchronisation (`RoundShape.settle`).
+        self.gamma_now = torch.tensor(float(settings.gamma), dtype=torch.float64, device=device)
+        self.adapts_gamma = settings.adapts_gamma
         self.last_token = self.draft_pending = None  # set by `start`
         # Whether the target's / the draft's distributions held a NaN since the start (NaN or
         # infinite logits, or processors that removed every token). Kept on the device and
@@ -480,12 +509,18 @@ class RoundShape:
     invalid: list = field(default_factory=list)  # host copy of `Population.invalid`
 
     def settle(self, summary: list, gamma: int) -> None:
-        """Take the host's copy of `summary`, and fix the round's K (the planner's for auto,
-        else `gamma`): the last rounds draft only what some budget can keep, and skip the
-        bonus where no budget reaches it."""
-        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, *self.invalid = summary
+        """Take the host's copy of `summary`, and fix the round's K: the planner's for auto;
+        else `gamma`, or where every live group runs exact the K of the schedule
+        (`Population.gamma_now`: `gamma` unless a heuristic schedule adapted it; SMC-SD
+        rounds keep the user's K, a quality knob for them). The last rounds draft only what
+        some budget can keep, and skip the bonus where no budget reaches it."""
+        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, gamma_now, *self.invalid = summary
         self.any_exact = num_exact > 0
-        self.k = min(gamma if self.plan is None else self.plan.k, most)
+        if self.plan is not None:
+            k = self.plan.k
+        else:
+            k = gamma_now if num_exact == self.done.shape[0] - self.num_done else gamma
+        self.k = min(k, most)
         self.with_bonus = most > self.k
 
     def only(self, keep_groups: torch.Tensor) -> RoundShape:
@@ -586,7 +621,7 @@ def smc_sample(
         if shape.num_collapse:  # SMC-SD -> exact (or plain): one particle drawn by weight becomes the whole group
             collapse_groups(population, shape.collapse)
             continue  # the chosen particle may have finished: re-check which groups end
-        population.grow_token_buffer(shape.least, settings.gamma)
+        population.grow_token_buffer(shape.least, settings.max_gamma)
         if shape.k == 0:  # auto's plain round: one target sampling step, no draft pass
             plain_round(population, rules, shape)
             population.stream_settled()
@@ -811,7 +846,8 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     left = torch.where(done, -1, remaining)
     summary = torch.cat([torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
                                       torch.where(done, budget, remaining).min(),
-                                      (~p.identical[groups] & ~done).sum()]), p.invalid.long()])
+                                      (~p.identical[groups] & ~done).sum(), p.gamma_now.long()]),
+                         p.invalid.long()])
     return RoundShape(done, exact, collapse, remaining, summary, plan)
 
 
@@ -962,6 +998,10 @@ def exact_operator(population: Population, shape: RoundShape, drafts: Drafts, ve
     block.tokens[rows] = walk.tokens[:, : block.tokens.shape[1]].repeat_interleave(n, dim=0)
     block.valid[rows] = walk.num_committed.repeat_interleave(n)
     block.walk, block.exact_groups = walk, exact_groups
+    if population.adapts_gamma:  # the next rounds' K (read with the next round's shape)
+        drafted = shape.remaining[exact_groups].clamp(max=k)
+        population.gamma_now = policy.adapt_draft_tokens(population.gamma_now, walk.num_accepted, drafted,
+                                                         settings.max_gamma)
     if population.auto is not None:
         population.auto.observe_walk(population.groups[exact_groups], walk.num_accepted,
                                      shape.remaining[exact_groups].clamp(max=k))
@@ -1062,6 +1102,7 @@ def final_pick(population: Population, settings: SMCSettings) -> SMCResult:
     # With replacement: each returned particle is, on its own, a draw of the SMC-SD output.
     chosen = torch.multinomial(normalized_weights(final_lw).float(), settings.num_return_sequences, replacement=True)
     return p.stats.result(
+        gamma_reached=int(p.gamma_now) if p.adapts_gamma else None,
         tokens=p.tokens[:, :longest].reshape(batch, n, longest),
         lengths=p.lengths.view(batch, n),
         log_weights=final_lw,

@@ -359,6 +359,39 @@ def draft_tokens(kwargs: dict, gamma_set: bool, gamma: int, draft) -> int:
     )
 
 
+def draft_tokens_schedule(kwargs: dict, draft) -> str:
+    """How K changes between rounds: transformers' `num_assistant_tokens_schedule`, a keyword
+    of this call, else the assistant's generation config (where transformers reads it), else
+    "constant" (transformers 5.x leaves it None, which means "constant"). Pops the keyword."""
+    from .policy import K_SCHEDULES
+
+    hint = "how K adapts between exact rounds; 'constant' keeps it"
+    keyword = kwargs.pop("num_assistant_tokens_schedule", None)
+    if keyword is not None:
+        return check_value("num_assistant_tokens_schedule", keyword, choice(*K_SCHEDULES), hint)
+    configured = getattr(getattr(draft, "generation_config", None), "num_assistant_tokens_schedule", None)
+    if configured is None:
+        return "constant"
+    return check_value("assistant_model.generation_config.num_assistant_tokens_schedule", configured,
+                       choice(*K_SCHEDULES), hint)
+
+
+def warn_ineffective_schedule(schedule: str, mode: str, greedy: bool) -> None:
+    """A heuristic K schedule adapts K from exact rounds' acceptance: say so where none run
+    (smc_mode='smc' while sampling) or where auto's planner chooses K instead."""
+    if schedule == "constant" or greedy or mode in ("exact", "mixed"):
+        return
+    why = ("SMC-SD rounds accept every draft, so acceptance says nothing about K; smc_mode='exact' or "
+           "'mixed' adapts the K of exact rounds" if mode == "smc" else
+           "auto's planner chooses each round's K (up to smc_gamma) itself")
+    warnings.warn(
+        f"num_assistant_tokens_schedule={schedule!r} has no effect with smc_mode={mode!r} ({why}); K stays "
+        "as set and nothing is stored on the assistant's generation config.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _default_num_assistant_tokens():
     from transformers import GenerationConfig
 

@@ -38,6 +38,17 @@ def test_json_for_a_file_of_prompts(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["sequences"] == result["sequences"]
 
 
+def test_k_schedule_reaches_the_json(capsys):
+    argv = ["generate", *PAIR, "--prompt", "def add(a, b):", "--max-new-tokens", "12", "-N", "2", "-K", "2",
+            "--mode", "exact", "--json"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["num_assistant_tokens"] is None  # constant: nothing adapted
+    assert cli.main(argv + ["--k-schedule", "heuristic_transient"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["num_assistant_tokens_schedule"] == "heuristic_transient"
+    assert isinstance(result["num_assistant_tokens"], int) and result["num_assistant_tokens"] >= 1
+
+
 def test_bad_knob_is_a_clear_error_without_a_traceback(capsys):
     assert cli.main(["generate", *PAIR, "--prompt", "x", "-N", "0"]) == 2
     assert "error: Invalid smc_particles=0" in capsys.readouterr().err

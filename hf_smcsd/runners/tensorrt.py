@@ -798,6 +798,8 @@ class TRTModel:
         for model in (self, draft):
             if isinstance(model, TRTModel) and model.manifest is not None:
                 require_fits(model.manifest, **request)
+        if self.manifest is not None:  # an adaptive K schedule grows K only up to what the engine verifies
+            model_kwargs["smc_knobs"] = dict(knobs, gamma_limit=limits_of(self.manifest).tokens_per_step - 1)
         num_return = config.num_return_sequences or 1
         if num_return > 1:  # transformers expands the prompts before custom_generate
             input_ids = input_ids.repeat_interleave(num_return, dim=0)
