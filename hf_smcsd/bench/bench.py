@@ -574,7 +574,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     info = common.hardware()
     print(f"hf-smcsd bench: target {names['target']} ({common.count_parameters(target) / 1e6:.1f}M), "
-          f"draft {names['draft']} ({common.count_parameters(draft) / 1e6:.1f}M), {device} {dtype}, "
+          f"draft {names['draft']} ({common.describe_parameters(draft, target)}), {device} {dtype}, "
           f"{info['processor']}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     rows = run_bench(target, draft, prompts, pad_id, batch_sizes=args.batch_sizes, runners=args.runners,
@@ -615,7 +615,12 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items()}
     common.write_json(out_dir / "bench.json", {
         "command": "hf-smcsd bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": settings, "models": names, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "settings": settings, "models": names,
+        "parameters": {"target": common.count_parameters(target),
+                       "draft_own": common.count_parameters(draft, shared_with=target),
+                       "draft_shared_with_target": common.count_parameters(draft)
+                       - common.count_parameters(draft, shared_with=target)},
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "hardware": info, "prompts": texts, "prompt_tokens": [len(p) for p in prompts],
         "seconds": elapsed, "summary": summary, "rows": rows,
     })
