@@ -115,6 +115,7 @@ def run_smollm2(args) -> int:
 
     argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     for flag, value in (("--particles", args.particles), ("--gamma", args.gamma),
+                        ("--exact-particles", args.exact_particles), ("--exact-gamma", args.exact_gamma),
                         ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads),
                         ("--question", args.question), ("--json", args.json)):
         if value is not None:
@@ -135,6 +136,8 @@ def parse_args(argv):
                         help="SMC particles N per prompt (default 4 with SmolLM2, 8 with the committed pair)")
     parser.add_argument("--gamma", type=int, default=None,
                         help="draft tokens per SMC round (default 4 with SmolLM2, 8 with the committed pair)")
+    parser.add_argument("--exact-particles", type=int, default=None, help="SmolLM2 only: exact mode's N (default 1)")
+    parser.add_argument("--exact-gamma", type=int, default=None, help="SmolLM2 only: exact mode's K (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 40 with SmolLM2, 64 otherwise")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0)
