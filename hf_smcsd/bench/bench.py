@@ -387,7 +387,7 @@ def loglik_with_interval(row: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'method':<11}{'runner':<16}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x fastest':>10}"
-              f"{'x assist':>10}{'loglik/tok [95%]':>25}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
+              f"{'x assist':>10}{'loglik/tok [95%]':>27}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
               f"{'/'.join(common.TIME_PARTS)} (ms/round)  rounds s/e/p, mean K")
     lines = [header, "-" * len(header)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
@@ -404,7 +404,7 @@ def format_table(rows: list[dict]) -> str:
             f"{method:<11}{r.get('runner', 'eager'):<16}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}"
             f"{str(r['gamma'] or '-'):>8}{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}"
             f"{fmt(r.get('speedup_vs_fastest_target'), '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
-            f"{loglik_with_interval(r):>25}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
+            f"  {loglik_with_interval(r):>25}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
             f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
             + (f"  {r['round_mix']}" if r.get("round_mix") else "")
             + (f", K {r['mean_k']:.1f}" if r.get("mean_k") is not None else "")
