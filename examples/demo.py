@@ -14,6 +14,7 @@ seeded random Llama target (6 layers, hidden 256) with its first layer as draft 
 the text is then gibberish, and only speed and diagnostics mean anything.
 
     python examples/demo.py --particles 8 --gamma 4 --batch-size 4 --json results/demo.json
+    python examples/demo.py --committed     # the small pair, also when SmolLM2 is installed
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def run_smollm2(args) -> int:
 
     argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     for flag, value in (("--particles", args.particles), ("--gamma", args.gamma),
+                        ("--exact-particles", args.exact_particles), ("--exact-gamma", args.exact_gamma),
                         ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads),
                         ("--question", args.question), ("--json", args.json)):
         if value is not None:
@@ -128,19 +130,20 @@ def timed(fn, seed: int):
     return time.perf_counter() - start, out
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--particles", type=int, default=None,
                         help="SMC particles N per prompt (default 4 with SmolLM2, 8 with the committed pair)")
     parser.add_argument("--gamma", type=int, default=None,
                         help="draft tokens per SMC round (default 4 with SmolLM2, 8 with the committed pair)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 48 with SmolLM2, 64 otherwise")
+    parser.add_argument("--exact-particles", type=int, default=None, help="SmolLM2 only: exact mode's N (default 1)")
+    parser.add_argument("--exact-gamma", type=int, default=None, help="SmolLM2 only: exact mode's K (default 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 40 with SmolLM2, 64 otherwise")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own with SmolLM2; 1 with the small pairs, "
-                        "which are tiny, so more threads mostly spin and contend on a small shared machine; "
-                        "0 keeps torch's default)")
+                        help="torch.set_num_threads (default 1: the models are small, so more threads mostly spin "
+                        "and contend on a small shared machine; 0 keeps torch's default)")
     parser.add_argument("--question", default=None, help="SmolLM2 only: the chat message")
     parser.add_argument("--committed", action="store_true",
                         help="use the committed small pair even when SmolLM2-135M-Instruct is installed")
@@ -148,12 +151,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     parser.add_argument("--random", action="store_true",
                         help="use the seeded random pair even when the trained pair in examples/models exists")
-    args = parser.parse_args(argv)
-    if not args.random and not args.committed:
-        note = smollm2_missing()
-        if note is None:
-            return run_smollm2(args)
-        print(f"NOTE: {note}; running the committed small pair instead.")
+    return parser, parser.parse_args(argv)
+
+
+def small_pair_defaults(parser, args) -> None:
+    """Fill in the small pairs' defaults (N = 8, K = 8, 64 tokens, one thread) and check them."""
     args.particles = 8 if args.particles is None else args.particles
     args.gamma = 8 if args.gamma is None else args.gamma
     args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
@@ -163,13 +165,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    trained = trained_pair_available() and not args.random
+
+def print_header(trained: bool, random_asked: bool) -> None:
     print("hf-smcsd offline demo: the target alone vs SMC-SD (target + draft)")
     if trained:
         print(f"models: the trained pair in {TRAINED_PAIR} (Python code and a+b=c arithmetic; small models,")
         print("        so expect plausible-looking but imperfect code)")
     else:
-        if not args.random:
+        if not random_asked:
             print(f"NOTE: the trained pair is missing from {TRAINED_PAIR} (python build_scripts/train_pair.py makes it);")
             print("      falling back to random models.")
         print("NOTE: the models are random (seeded) and the tokenizer is a 512-token BPE trained on the")
@@ -178,21 +181,23 @@ def main(argv=None) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}")
 
+
+def small_pair(args, trained: bool):
+    """(tokenizer, target, draft, prompts, encoded prompts): the trained pair or the random one."""
     if trained:
         tokenizer, target, draft = load_trained_pair()
     else:
         tokenizer = build_tokenizer()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
-    prompt_len = enc["input_ids"].shape[1]
     if not trained:
-        target, draft = build_models(max(512, prompt_len + args.max_new_tokens + args.gamma + 8))
-    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    print(f"target: {n_params(target) / 1e6:.2f}M params, draft: {n_params(draft) / 1e6:.2f}M params, "
-          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, temperature {TEMPERATURE}, "
-          f"particles {args.particles}, gamma {args.gamma}, seed {args.seed}")
+        target, draft = build_models(max(512, enc["input_ids"].shape[1] + args.max_new_tokens + args.gamma + 8))
+    return tokenizer, target, draft, prompts, enc
 
-    model = hf_smcsd.patch(target)  # without smc_particles, generate() is the stock one
+
+def time_methods(model, draft, enc, tokenizer, args) -> tuple[dict, dict]:
+    """Every method's timed runs (a warm-up first; repeats interleaved, so that both see the
+    same machine load) and its last output."""
     # top_k=0: the full distribution. eos_token_id=None: every method writes exactly
     # max_new_tokens, so that tokens/s compare like with like.
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=TEMPERATURE,
@@ -204,17 +209,20 @@ def main(argv=None) -> int:
             smc_gamma=args.gamma, return_dict_in_generate=True,
         ),
     }
-
     times = {name: [] for name in methods}
     outputs = {}
     with torch.inference_mode():
         for name, fn in methods.items():  # warm-up
             timed(fn, args.seed)
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        for _ in range(args.repeats):
             for name, fn in methods.items():
                 seconds, outputs[name] = timed(fn, args.seed)
                 times[name].append(seconds)
+    return times, outputs
 
+
+def summarize(times: dict, outputs: dict, tokenizer, prompt_len: int) -> dict:
+    """tokens/s (median run), speedups, texts, and SMC-SD's diagnostics, per method."""
     smc = outputs["smc-sd"]
     sequences = {"target": outputs["target"], "smc-sd": smc.sequences}
     results = {}
@@ -239,14 +247,17 @@ def main(argv=None) -> int:
         "rounds": smc.num_rounds,
         "log_z": smc.log_z.tolist(),
     }
+    return results
 
+
+def print_results(results: dict, prompts: list[str], particles: int) -> None:
     print()
     print(f"{'method':<8} {'tokens/s':>10} {'speedup':>8} {'median s':>9}   diagnostics")
     for name, r in results.items():
         extra = ""
         if name == "smc-sd":
             d = r["diagnostics"]
-            extra = (f"mean ESS {d['mean_ess']:.2f}/{args.particles}, resamples {sum(d['resamples_per_prompt'])} "
+            extra = (f"mean ESS {d['mean_ess']:.2f}/{particles}, resamples {sum(d['resamples_per_prompt'])} "
                      f"({'/'.join(map(str, d['resamples_per_prompt']))} per prompt), rounds {d['rounds']}")
         print(f"{name:<8} {r['tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['seconds_median']:>9.3f}   {extra}")
     for name, r in results.items():
@@ -254,19 +265,44 @@ def main(argv=None) -> int:
         for prompt, text in zip(prompts, r["texts"]):
             print(f"{prompt!r} + {text!r}")
 
+
+def write_json(path: str, args, results: dict, prompts: list[str], prompt_len: int, trained: bool) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    report = {
+        "config": vars(args) | {"temperature": TEMPERATURE, "prompts": prompts, "prompt_tokens": prompt_len,
+                                "models": str(TRAINED_PAIR) if trained else "random"},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "hf_smcsd": hf_smcsd.__version__},
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {path}")
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    if not args.random and not args.committed:
+        note = smollm2_missing()
+        if note is None:
+            return run_smollm2(args)
+        print(f"NOTE: {note}; running the committed small pair instead.", flush=True)
+    small_pair_defaults(parser, args)
+    trained = trained_pair_available() and not args.random
+    print_header(trained, args.random)
+    tokenizer, target, draft, prompts, enc = small_pair(args, trained)
+    prompt_len = enc["input_ids"].shape[1]
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"target: {n_params(target) / 1e6:.2f}M params, draft: {n_params(draft) / 1e6:.2f}M params, "
+          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, temperature {TEMPERATURE}, "
+          f"particles {args.particles}, gamma {args.gamma}, seed {args.seed}", flush=True)
+    model = hf_smcsd.patch(target)  # without smc_particles, generate() is the stock one
+    times, outputs = time_methods(model, draft, enc, tokenizer, args)
+    results = summarize(times, outputs, tokenizer, prompt_len)
+    print_results(results, prompts, args.particles)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        report = {
-            "config": vars(args) | {"temperature": TEMPERATURE, "prompts": prompts, "prompt_tokens": prompt_len,
-                                    "models": str(TRAINED_PAIR) if trained else "random"},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "hf_smcsd": hf_smcsd.__version__},
-            "threads": torch.get_num_threads(),
-            "results": results,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"\nwrote {args.json}")
+        write_json(args.json, args, results, prompts, prompt_len, trained)
     return 0
 
 

@@ -163,6 +163,20 @@ def test_wilson_interval():
         common.wilson_interval(0, 0)
 
 
+def test_draft_parameters_leave_out_what_the_target_shares():
+    target = tiny_llama(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=0)
+    draft = tiny_llama(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, seed=1)
+    alone = common.count_parameters(draft)
+    assert common.count_parameters(draft, shared_with=target) == alone
+    assert common.describe_parameters(draft, target) == f"{alone / 1e6:.1f}M"
+    embedding = target.get_input_embeddings().weight
+    draft.model.embed_tokens.weight = embedding  # as the real pair's loader attaches it
+    draft.lm_head.weight = embedding
+    shared = embedding.numel()
+    assert common.count_parameters(draft, shared_with=target) == common.count_parameters(draft) - shared
+    assert common.describe_parameters(draft, target).endswith(f"+ {shared / 1e6:.1f}M shared with the target")
+
+
 def test_pareto_front():
     points = [(10, 0.5), (5, 0.1), (8, 0.6), (10, 0.4), (1, 0.0)]
     assert bench.pareto_front(points) == [1, 3, 4]

@@ -376,9 +376,18 @@ def summarize(rows: list[dict], min_particles: int = 4) -> dict:
     return summary
 
 
+def loglik_with_interval(row: dict) -> str:
+    """`-1.234 [-1.300, -1.168]`: the mean target log-likelihood per token and its 95%
+    interval (1.96 standard errors over the outputs; the mean alone where there is one)."""
+    mean, stderr = row["target_loglik_per_token"], row.get("target_loglik_stderr")
+    if stderr is None or stderr != stderr:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{mean - 1.96 * stderr:.3f}, {mean + 1.96 * stderr:.3f}]"
+
+
 def format_table(rows: list[dict]) -> str:
     header = (f"{'method':<11}{'runner':<16}{'b':>3}{'N':>4}{'K':>8}{'tok/s':>9}{'x target':>10}{'x fastest':>10}"
-              f"{'x assist':>10}{'loglik/tok':>12}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
+              f"{'x assist':>10}{'loglik/tok [95%]':>27}{'ESS/N':>7}{'resamp':>8}{'tok/fwd':>8}  split "
               f"{'/'.join(common.TIME_PARTS)} (ms/round)  rounds s/e/p, mean K")
     lines = [header, "-" * len(header)]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731  (None and NaN)
@@ -395,7 +404,7 @@ def format_table(rows: list[dict]) -> str:
             f"{method:<11}{r.get('runner', 'eager'):<16}{r['batch_size']:>3}{fmt(r['particles'], 'd'):>4}"
             f"{str(r['gamma'] or '-'):>8}{r['tokens_per_s']:>9.1f}{fmt(r['speedup_vs_target'], '.2f'):>10}"
             f"{fmt(r.get('speedup_vs_fastest_target'), '.2f'):>10}{fmt(r['speedup_vs_assisted'], '.2f'):>10}"
-            f"{r['target_loglik_per_token']:>12.3f}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
+            f"  {loglik_with_interval(r):>25}{fmt(r.get('mean_ess_fraction'), '.2f'):>7}"
             f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
             + (f"  {r['round_mix']}" if r.get("round_mix") else "")
             + (f", K {r['mean_k']:.1f}" if r.get("mean_k") is not None else "")
@@ -574,7 +583,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     info = common.hardware()
     print(f"hf-smcsd bench: target {names['target']} ({common.count_parameters(target) / 1e6:.1f}M), "
-          f"draft {names['draft']} ({common.count_parameters(draft) / 1e6:.1f}M), {device} {dtype}, "
+          f"draft {names['draft']} ({common.describe_parameters(draft, target)}), {device} {dtype}, "
           f"{info['processor']}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     rows = run_bench(target, draft, prompts, pad_id, batch_sizes=args.batch_sizes, runners=args.runners,
@@ -615,7 +624,12 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items()}
     common.write_json(out_dir / "bench.json", {
         "command": "hf-smcsd bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": settings, "models": names, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "settings": settings, "models": names,
+        "parameters": {"target": common.count_parameters(target),
+                       "draft_own": common.count_parameters(draft, shared_with=target),
+                       "draft_shared_with_target": common.count_parameters(draft)
+                       - common.count_parameters(draft, shared_with=target)},
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "hardware": info, "prompts": texts, "prompt_tokens": [len(p) for p in prompts],
         "seconds": elapsed, "summary": summary, "rows": rows,
     })
