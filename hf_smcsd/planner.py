@@ -45,6 +45,7 @@ that starts paying later is found at a logarithmic cost.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -209,13 +210,16 @@ class CostModel:
 
 @dataclass
 class Plan:
-    """One round's shape, with the numbers it was chosen by."""
+    """One round's shape, with the numbers it was chosen by. Every field stays on the device
+    (choosing costs no host synchronisation): the loop reads `k` with its round-start
+    summary (`smc.choose_round_shape`), the diagnostics read the rest at the end."""
 
-    k: int  # 0: plain target step, no draft pass
+    k: torch.Tensor  # 0-dim long: draft tokens per row; 0 is a plain target step, no draft pass
     exact: torch.Tensor  # [G] bool: exact groups (SMC-SD elsewhere); all False when k == 0
     bias: torch.Tensor  # [G] the bound of an SMC-SD round at this K (NaN: no evidence)
-    tokens_per_s: float  # predicted, whole batch
-    tokens_per_s_by_k: list[float]  # predicted for every K from 0 to the largest allowed
+    tokens_per_s: torch.Tensor  # 0-dim float64: predicted, whole batch
+    tokens_per_s_by_k: torch.Tensor  # [choices] predicted for every K allowed, smallest K first
+    ks: tuple[int, ...] = ()  # the K of each entry of `tokens_per_s_by_k`
 
 
 def plan_round(
@@ -236,7 +240,8 @@ def plan_round(
     drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not);
     `plain_rows`: the rows a plain round runs (one per group where the loop can narrow).
     Costs not measured yet count as equal for every K (no preference from speed), so the
-    first rounds draft at the user's K. One host synchronisation."""
+    first rounds draft at the user's K. No host synchronisation: the expected tokens stay on
+    the device, the predicted seconds (host numbers of the cost model) go to it."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
     weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
     tokens, exact_by_k, bias_by_k = [], [], []
@@ -252,17 +257,20 @@ def plan_round(
         exact_by_k.append(~smc)
         bias_by_k.append(bias)
         tokens.append((per_group * weight).sum())
-    tokens = torch.stack(tokens).tolist()
+    tokens = torch.stack(tokens).double()
     if costs.verify.known and costs.draft_step.known:
         seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
     else:
         seconds = [1.0 for _ in ks]
         if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)
             tokens[0] = -1.0
-    speed = [t / s for t, s in zip(tokens, seconds)]
-    best = max(range(len(ks)), key=lambda i: (speed[i], ks[i]))  # ties: the longer block
-    return Plan(k=ks[best], exact=exact_by_k[best], bias=bias_by_k[best], tokens_per_s=speed[best],
-                tokens_per_s_by_k=speed)
+    speed = tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)
+    # The fastest; ties go to the longer block (argmax returns the first maximum: search from the end).
+    best = (len(ks) - 1 - torch.argmax(speed.flip(0))).view(1)
+    pick = lambda values: torch.stack(values).index_select(0, best)[0]  # noqa: E731  (no host read)
+    k = torch.tensor(ks, device=rate.device).index_select(0, best)[0]
+    return Plan(k=k, exact=pick(exact_by_k), bias=pick(bias_by_k), tokens_per_s=speed.index_select(0, best)[0],
+                tokens_per_s_by_k=speed, ks=tuple(ks))
 
 
 @dataclass
@@ -286,16 +294,29 @@ class ProbeSchedule:
             return True
         return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
 
-    def after(self, k: int, probe: bool, seconds: float = 0.0) -> None:
+    def plain_rounds_before_probe(self, probe_seconds: float, seconds: float) -> int | None:
+        """How many plain rounds of `seconds` each may run, from now, before `must_draft`
+        holds again (at least 1; None: never, when plain rounds take no time but a probe
+        does). The loop runs that many in one burst (`smc.plain_burst`)."""
+        wait, factor = (2 * self.wait, 2 * self.factor) if self.probed else (self.wait, self.factor)
+        rounds = max(wait - self.streak, 1)
+        short = factor * probe_seconds - self.plain_seconds
+        if short > 0:
+            if seconds <= 0:
+                return None
+            rounds = max(rounds, math.ceil(short / seconds))
+        return rounds
+
+    def after(self, k: int, probe: bool, seconds: float = 0.0, rounds: int = 1) -> None:
         """Record the round just planned: its K, whether it was a forced probe, and its
-        predicted seconds."""
+        predicted seconds; a plain K may stand for `rounds` plain rounds in a row."""
         self.first = False
         if k == 0:
             if self.probed:
                 self.wait *= 2
                 self.factor *= 2
-            self.streak += 1
-            self.plain_seconds += seconds
+            self.streak += rounds
+            self.plain_seconds += rounds * seconds
         else:
             self.streak, self.plain_seconds = 0, 0.0
             if not probe:
