@@ -244,31 +244,32 @@ def plan_round(
     the device, the predicted seconds (host numbers of the cost model) go to it."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
     weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
-    tokens, exact_by_k, bias_by_k = [], [], []
-    for k in ks:
-        if k == 0:
-            exact_by_k.append(torch.zeros_like(rate, dtype=torch.bool))
-            bias_by_k.append(torch.full_like(rate, float("nan")))
-            tokens.append(weight.sum())
-            continue
-        bias = block_bias(rate, k)
-        smc = (bias <= bound) & allow_smc  # NaN compares False: no evidence, no SMC-SD
-        per_group = torch.where(smc, float(k + 1), expected_exact_tokens(accept, k))
-        exact_by_k.append(~smc)
-        bias_by_k.append(bias)
-        tokens.append((per_group * weight).sum())
-    tokens = torch.stack(tokens).double()
+    # Every K at once, `[choices, G]` (a handful of tensor operations: this runs every round).
+    # (Built on the device: `torch.tensor(list, device=cuda)` would wait for the GPU.)
+    k_values = torch.arange(ks[0], gamma + 1, device=rate.device)
+    k_column = k_values.to(rate.dtype).unsqueeze(1)
+    bias = block_bias(rate.unsqueeze(0), k_column)
+    smc = (bias <= bound) & allow_smc & (k_column > 0)  # NaN compares False: no evidence, no SMC-SD
+    depth = torch.arange(gamma + 1, device=rate.device)
+    # Exact: 1 + a + ... + a^K, the powers of `a` up to each K (K = 0: one plain token).
+    powers = accept.unsqueeze(-1) ** depth
+    exact_tokens = torch.where(depth <= k_column.unsqueeze(-1), powers.unsqueeze(0), 0.0).sum(dim=-1)
+    per_group = torch.where(smc, k_column + 1, exact_tokens)
+    tokens = (per_group * weight).sum(dim=-1).double()
+    exact_by_k = ~smc & (k_column > 0)
+    bias_by_k = torch.where(k_column > 0, bias, float("nan"))
     if costs.verify.known and costs.draft_step.known:
         seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
     else:
         seconds = [1.0 for _ in ks]
         if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)
             tokens[0] = -1.0
-    speed = tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)
+    # Host numbers to the device without waiting for it (a blocking copy would synchronise).
+    speed = tokens / torch.tensor(seconds, dtype=tokens.dtype).to(tokens.device, non_blocking=True)
     # The fastest; ties go to the longer block (argmax returns the first maximum: search from the end).
     best = (len(ks) - 1 - torch.argmax(speed.flip(0))).view(1)
-    pick = lambda values: torch.stack(values).index_select(0, best)[0]  # noqa: E731  (no host read)
-    k = torch.tensor(ks, device=rate.device).index_select(0, best)[0]
+    pick = lambda values: values.index_select(0, best)[0]  # noqa: E731  (no host read)
+    k = k_values.index_select(0, best)[0]
     return Plan(k=k, exact=pick(exact_by_k), bias=pick(bias_by_k), tokens_per_s=speed.index_select(0, best)[0],
                 tokens_per_s_by_k=speed, ks=tuple(ks))
 

@@ -172,3 +172,55 @@ def test_fixed_costs_make_auto_reproducible_and_measured_costs_are_cached(pair):
                           max_new_tokens=8, eos_token_id=None)
     (measured,) = smc._COST_CACHE.values()
     assert measured.verify.known and measured.draft_step.known and set(measured.overhead) <= {"plain", "spec"}
+
+
+@pytest.mark.parametrize("stop", ["eos", "criteria"])
+def test_plain_bursts_stop_where_the_target_stops(pair, stop):
+    """A burst of plain rounds ends at the step where some group stops (an EOS id, or a
+    stopping criterion reading the sequence), and the other groups go on: greedy auto
+    returns the target's own greedy output, prompt by prompt."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    target, draft = pair
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
+    ids, mask = left_pad(prompts)
+    free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                           eos_token_id=None)[:, ids.shape[1]:]
+    token = int(free[0, 6])  # prompt 0 stops at its 7th new token (or earlier); the others when they meet it
+    kwargs = dict(eos_token_id=token) if stop == "eos" else dict(
+        eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAfterToken(token)]))
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=3,
+                                smc_mode="auto", smc_auto_costs=PLAIN_COSTS, do_sample=False, max_new_tokens=24,
+                                pad_token_id=0, return_dict_in_generate=True, **kwargs)
+    new = out.sequences[:, ids.shape[1]:]
+    for b, row in enumerate(free.tolist()):
+        end = row.index(token) + 1 if token in row else len(row)  # the target's greedy text up to its first stop
+        assert new[b, :end].tolist() == row[:end] and (new[b, end:] == 0).all()
+    modes = out.round_modes
+    assert all(m.startswith("e") and set(m[1:]) == {"p"} for m in modes)  # one probe, then plain bursts
+    assert len(modes[0]) < len(max(modes, key=len))  # prompt 0 stopped first; the others went on
+
+
+def test_planning_reads_nothing_back_from_the_device(monkeypatch):
+    """The plan stays on the device (its K is read with the round's first synchronisation,
+    `smc.choose_round_shape`): no host read of a tensor inside `plan_round`."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan_round read a tensor on the host")
+
+    rate = torch.tensor([0.001, 0.3, float("nan")], dtype=torch.float64)
+    accept = torch.full((3,), 0.8, dtype=torch.float64)
+    for costs_model in (SPEC_COSTS, PLAIN_COSTS, planner.CostModel()):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                m.setattr(torch.Tensor, name, refuse)
+            plan = planner.plan_round(rate, accept, costs_model, rows=12, gamma=4, bound=0.02,
+                                      live=torch.tensor([True, True, False]), plain_rows=3)
+        assert int(plan.k) == (0 if costs_model is PLAIN_COSTS else 4)

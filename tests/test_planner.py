@@ -221,3 +221,20 @@ def test_probe_schedule_backs_off_and_resets():
     assert probes.wait == 4 and probes.factor == 8.0 and probes.streak == 1
     probes.after(2, probe=False)  # drafting by choice resets the wait
     assert probes.wait == planner.FIRST_PROBE and probes.factor == planner.PROBE_FACTOR and probes.streak == 0
+
+
+def test_plain_rounds_before_probe_says_when_must_draft_holds_again():
+    """The loop runs that many plain rounds in one burst: afterwards `must_draft` holds,
+    one round earlier it does not."""
+    for wait, factor, probe_seconds, seconds, probed in [(8, 8.0, 2.0, 0.5, False), (8, 8.0, 0.1, 0.5, False),
+                                                         (4, 2.0, 3.0, 1.0, True), (2, 4.0, 0.0, 0.0, False)]:
+        probes = planner.ProbeSchedule(wait=wait, factor=factor, first=False, probed=probed)
+        rounds = probes.plain_rounds_before_probe(probe_seconds, seconds)
+        before = planner.ProbeSchedule(wait=wait, factor=factor, first=False, probed=probed)
+        before.after(0, probe=False, seconds=seconds, rounds=rounds - 1)
+        probes.after(0, probe=False, seconds=seconds, rounds=rounds)
+        assert probes.must_draft(probe_seconds) and (rounds == 1 or not before.must_draft(probe_seconds))
+    # 16 rounds of wait after a failed probe (the doubling), and the time: 2 * 8 * 2 s / 0.5 s = 64.
+    assert planner.ProbeSchedule(wait=8, factor=8.0, first=False, probed=True).plain_rounds_before_probe(2.0, 0.5) == 64
+    # Free plain rounds never pay for a probe that costs time.
+    assert planner.ProbeSchedule(first=False).plain_rounds_before_probe(1.0, 0.0) is None
