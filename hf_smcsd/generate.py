@@ -78,7 +78,8 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     step), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
     K would add: the quality measure compared with `smc_auto_threshold`; None for plain
     steps, NaN before any evidence) and `predicted_tokens_per_s` (the batch's, by the
-    measured costs, for the K chosen).
+    measured costs, for the K chosen). Plain steps run in bursts planned once: each step is
+    its own round and entry, with the burst's plan.
     """
 
     particle_sequences: torch.LongTensor | None = None
