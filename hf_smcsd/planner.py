@@ -202,8 +202,11 @@ class CostModel:
         self.overhead[kind] = max(seconds, 0.0) if old is None else old + self.smoothing * (max(seconds, 0.0) - old)
 
     def round_seconds(self, rows: int, k: int) -> float:
+        """Predicted seconds of a round over `rows` rows drafting `k` tokens. A plain round's
+        own overhead counts as 0 until measured (a drafted round's, which holds far more
+        work, would hide plain decoding; the loop measures it with a one-step burst)."""
         if k == 0:
-            return self.verify(rows) + self.overhead.get("plain", self.overhead.get("spec", 0.0))
+            return self.verify(rows) + self.overhead.get("plain", 0.0)
         return (k * self.draft_step(rows) + self.verify(rows * (k + 1))
                 + self.overhead.get("spec", self.overhead.get("plain", 0.0)))
 

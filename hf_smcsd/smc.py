@@ -691,27 +691,28 @@ class _AutoState:
         key = None if None in keys else keys + (x0.shape[0], self.gamma)
         self.costs = _COST_CACHE.get(key) if key is not None else None
         if self.costs is None:
-            self.costs = self._calibrate(target, x0)
+            self.costs = self._calibrate(target, draft, x0)
             if key is not None:
                 if len(_COST_CACHE) >= _COST_CACHE_SIZE:
                     _COST_CACHE.pop(next(iter(_COST_CACHE)))
                 _COST_CACHE[key] = self.costs
 
-    def _calibrate(self, target: Runner, x0: torch.Tensor) -> planner.CostModel:
-        """A short calibration before the first round (then cached): one target step over
-        every row, fed and rolled back. The first round drafts at the user's K and measures
-        the rest (a draft step, the verify pass at its width); this point is what a plain
-        round costs, which the planner needs from the second round on. (It used to time
-        both models at two widths, twice each: five forwards more, a tenth of a 48-token
-        output the first time a shape is met.)"""
+    def _calibrate(self, target: Runner, draft: Runner, x0: torch.Tensor) -> planner.CostModel:
+        """A short calibration before the first round (then cached): one step of each model
+        over every row, fed and rolled back: what a plain round and a draft step cost. The
+        rounds measure the rest (the verify pass at other widths), each observed at the
+        start of the round after it, so the second round is planned from these two. (It
+        used to time both models at two widths, twice each: four forwards more, a tenth of
+        a 48-token output the first time a shape is met.)"""
         costs = planner.CostModel()
         rows = x0.shape[0]
-        self.clock.synchronize()
-        start = time.perf_counter()
-        target.extend(x0.unsqueeze(1))
-        self.clock.synchronize()
-        costs.verify.observe(rows, time.perf_counter() - start)
-        target.rollback(torch.ones(rows, dtype=torch.long, device=x0.device))
+        for runner, cost in ((target, costs.verify), (draft, costs.draft_step)):
+            self.clock.synchronize()
+            start = time.perf_counter()
+            runner.extend(x0.unsqueeze(1))
+            self.clock.synchronize()
+            cost.observe(rows, time.perf_counter() - start)
+            runner.rollback(torch.ones(rows, dtype=torch.long, device=x0.device))
         return costs
 
     def plan(self, group_done: torch.Tensor) -> planner.Plan:
@@ -737,6 +738,8 @@ class _AutoState:
     def burst_length(self, least: int) -> int:
         """Plain rounds the loop runs in one burst: until a probe is due, at most `MAX_BURST`
         and at most `least` (the fewest tokens any live group has left)."""
+        if self.measure and "plain" not in self.costs.overhead:
+            return 1  # measure a plain round's own time first (planner.CostModel.round_seconds)
         before = self.probes.plain_rounds_before_probe(self.probe_seconds, self.plain_seconds)
         return max(1, min(least, MAX_BURST, before or MAX_BURST))
 

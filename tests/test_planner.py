@@ -238,3 +238,14 @@ def test_plain_rounds_before_probe_says_when_must_draft_holds_again():
     assert planner.ProbeSchedule(wait=8, factor=8.0, first=False, probed=True).plain_rounds_before_probe(2.0, 0.5) == 64
     # Free plain rounds never pay for a probe that costs time.
     assert planner.ProbeSchedule(first=False).plain_rounds_before_probe(1.0, 0.0) is None
+
+
+def test_a_plain_rounds_overhead_is_not_a_drafted_rounds():
+    """Until a plain round was measured its own time counts as 0, not as a drafted round's
+    (which holds far more work and would hide plain decoding from the planner)."""
+    model = planner.CostModel()
+    model.verify.points, model.draft_step.points = {8: 1.0}, {8: 0.1}
+    model.overhead = {"spec": 5.0}
+    assert model.round_seconds(8, 0) == 1.0 and model.round_seconds(8, 2) == pytest.approx(6.2)
+    model.observe_overhead("plain", 0.5)
+    assert model.round_seconds(8, 0) == 1.5
