@@ -224,3 +224,28 @@ def test_planning_reads_nothing_back_from_the_device(monkeypatch):
             plan = planner.plan_round(rate, accept, costs_model, rows=12, gamma=4, bound=0.02,
                                       live=torch.tensor([True, True, False]), plain_rows=3)
         assert int(plan.k) == (0 if costs_model is PLAIN_COSTS else 4)
+
+
+def test_plain_bursts_stream_each_token_as_it_is_drawn(pair, probe_every_round):
+    """A streamer gets every token of a plain burst at once (one put per step), and exactly
+    the returned tokens."""
+    class Recording:
+        def __init__(self):
+            self.puts, self.ended = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended += 1
+
+    target, draft = pair
+    streamer = Recording()
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6, 7]]), smc_particles=3, smc_gamma=2,
+                                smc_mode="auto", smc_auto_costs=PLAIN_COSTS, do_sample=True, max_new_tokens=24,
+                                streamer=streamer, eos_token_id=None, return_dict_in_generate=True)
+    assert streamer.puts[0] == [[5, 6, 7]] and streamer.ended == 1
+    assert [t for chunk in streamer.puts[1:] for t in chunk] == out.sequences[0, 3:].tolist()
+    plain = out.round_modes[0].count("p")
+    assert plain > 10 and sum(len(chunk) == 1 for chunk in streamer.puts[1:]) >= plain
