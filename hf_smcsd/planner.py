@@ -277,6 +277,18 @@ def plan_round(
                 tokens_per_s_by_k=speed, ks=tuple(ks))
 
 
+def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int) -> bool:
+    """Whether some K could beat plain decoding even if every draft were accepted (K + 1
+    tokens per group and round), by the measured costs: the models' time of a drafted
+    round (its loop overhead left out, so this errs towards yes) against K + 1 plain
+    rounds. Where no K can (a compute-bound target, whose verify pass costs about what
+    its tokens cost), probing the draft only loses time. True while costs are unknown."""
+    if not (costs.verify.known and costs.draft_step.known):
+        return True
+    plain = costs.round_seconds(plain_rows, 0)
+    return any((k + 1) * plain > k * costs.draft_step(rows) + costs.verify(rows * (k + 1)) for k in range(1, gamma + 1))
+
+
 @dataclass
 class ProbeSchedule:
     """When a run that decodes plainly tries the draft again: after `wait` plain rounds in a

@@ -724,7 +724,8 @@ class _AutoState:
         known = self.costs.verify.known
         self.probe_seconds = self.costs.round_seconds(rows, self.gamma) if known else 0.0
         self.plain_seconds = self.costs.round_seconds(plain_rows, 0) if known else 0.0
-        self.probing = self.probes.must_draft(self.probe_seconds)
+        self.probing = (self.probes.must_draft(self.probe_seconds)
+                        and planner.drafting_can_pay(self.costs, rows, plain_rows, self.gamma))
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,

@@ -18,8 +18,9 @@ PROMPT = [1, 2, 3]
 
 def costs(draft_step: float) -> planner.CostModel:
     """Fixed costs (reproducible plans): a width-free verify of 1 s, draft steps of
-    `draft_step` s. Expensive draft steps make plain rounds the planner's choice; free ones
-    make every round draft."""
+    `draft_step` s. Draft steps of 0.9 s make plain rounds the planner's choice after a
+    probe (drafting could pay only at an acceptance near 1: the planner probes, see
+    `planner.drafting_can_pay`); free ones make every round draft."""
     model = planner.CostModel()
     model.verify.points = {1: 1.0}
     model.draft_step.points = {1: draft_step}
@@ -27,7 +28,7 @@ def costs(draft_step: float) -> planner.CostModel:
     return model
 
 
-PLAIN_COSTS, SPEC_COSTS = costs(10.0), costs(0.0)
+PLAIN_COSTS, SPEC_COSTS = costs(0.9), costs(0.0)
 
 
 @pytest.fixture
@@ -223,7 +224,8 @@ def test_planning_reads_nothing_back_from_the_device(monkeypatch):
                 m.setattr(torch.Tensor, name, refuse)
             plan = planner.plan_round(rate, accept, costs_model, rows=12, gamma=4, bound=0.02,
                                       live=torch.tensor([True, True, False]), plain_rows=3)
-        assert int(plan.k) == (0 if costs_model is PLAIN_COSTS else 4)
+        assert 0 <= int(plan.k) <= 4 and plan.exact.shape == (3,)
+        assert int(plan.k) == 4 or costs_model is PLAIN_COSTS  # free drafts, or nothing measured: the longest
 
 
 def test_plain_bursts_stream_each_token_as_it_is_drawn(pair, probe_every_round):

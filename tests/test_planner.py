@@ -249,3 +249,15 @@ def test_a_plain_rounds_overhead_is_not_a_drafted_rounds():
     assert model.round_seconds(8, 0) == 1.0 and model.round_seconds(8, 2) == pytest.approx(6.2)
     model.observe_overhead("plain", 0.5)
     assert model.round_seconds(8, 0) == 1.5
+
+
+def test_no_probe_where_no_acceptance_could_pay():
+    """A verify pass that costs what its tokens cost (a compute-bound target) never beats
+    plain decoding, whatever the draft: no probe. An overhead-bound one can."""
+    compute_bound = costs(0.0, 1.0, 0.0)  # verify: 1 s per token
+    compute_bound.draft_step.points = {8: 0.1}
+    assert not planner.drafting_can_pay(compute_bound, rows=8, plain_rows=2, gamma=4)  # 4 rows per group
+    overhead_bound = costs(1.0, 0.0, 0.0)
+    overhead_bound.draft_step.points = {8: 0.1}
+    assert planner.drafting_can_pay(overhead_bound, rows=8, plain_rows=2, gamma=4)
+    assert planner.drafting_can_pay(planner.CostModel(), rows=8, plain_rows=2, gamma=4)  # nothing measured
