@@ -282,7 +282,9 @@ def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int) -
     tokens per group and round), by the measured costs: the models' time of a drafted
     round (its loop overhead left out, so this errs towards yes) against K + 1 plain
     rounds. Where no K can (a compute-bound target, whose verify pass costs about what
-    its tokens cost), probing the draft only loses time. True while costs are unknown."""
+    its tokens cost), a first probe only loses time (the loop skips it; later probes keep
+    their schedule, so a wrong measurement is measured again). True while costs are
+    unknown."""
     if not (costs.verify.known and costs.draft_step.known):
         return True
     plain = costs.round_seconds(plain_rows, 0)

@@ -724,8 +724,11 @@ class _AutoState:
         known = self.costs.verify.known
         self.probe_seconds = self.costs.round_seconds(rows, self.gamma) if known else 0.0
         self.plain_seconds = self.costs.round_seconds(plain_rows, 0) if known else 0.0
-        self.probing = (self.probes.must_draft(self.probe_seconds)
-                        and planner.drafting_can_pay(self.costs, rows, plain_rows, self.gamma))
+        if self.probes.first and not planner.drafting_can_pay(self.costs, rows, plain_rows, self.gamma):
+            # No acceptance could pay by the (cached) costs: no first probe; the schedule
+            # still probes later, so costs measured wrongly (a loaded machine) get measured again.
+            self.probes.first = False
+        self.probing = self.probes.must_draft(self.probe_seconds)
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
