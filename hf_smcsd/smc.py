@@ -309,7 +309,9 @@ class Population:
         """Drafting resumes after narrow plain rounds: the draft catches up on the tokens it
         missed (one row per group, one pass), then every group gets its N rows back."""
         if self.draft_pending.shape[1] > 1:
+            self.auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
             self.draft.extend(self.draft_pending[:: self.n, :-1])
+            self.auto.clock.stop("catch-up")
             self.draft_pending = self.draft_pending[:, -1:]
         for runner in (self.target, self.draft):
             runner.expand(self.n)
@@ -610,8 +612,10 @@ def smc_sample(
         population.grow_token_buffer(shape.least, settings.gamma)
         if auto is not None:
             auto.drafting(shape.k)
-        if population.draft_pending.shape[1] > 2:  # drafting resumes after plain rounds on N rows
+        if population.draft_pending.shape[1] > 2:  # drafting resumes after auto's plain rounds on N rows
+            auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
             population.draft.extend(population.draft_pending[:, :-1])  # the draft catches up in one pass
+            auto.clock.stop("catch-up")
             population.draft_pending = population.draft_pending[:, -1:]
         saved = population.save()
 
@@ -775,7 +779,8 @@ class _AutoState:
             return
         rows, k, width, rounds = self.last_round  # a plain burst: `rounds` of the same shape
         self.last_round = None
-        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0)
+        # The draft's catch-up after plain rounds is model time too (its length varies): not overhead.
+        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0) + spans.get("catch-up", 0.0)
         if "verify" in spans:
             self.costs.verify.observe(rows * width, spans["verify"] / rounds)
         if k > 0 and "draft" in spans:
