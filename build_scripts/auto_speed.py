@@ -16,12 +16,18 @@ SMC-SD / exact / plain, mean K). Sampling at temperature 0.7, no EOS (every outp
 
     PYTHONPATH=$PWD python build_scripts/auto_speed.py                       # all pairs, batch 1 and 8
     PYTHONPATH=$PWD python build_scripts/auto_speed.py --pairs committed --batch-sizes 1 --repeats 3
+
+`--baseline DIR` adds auto as another checkout of the project runs it (DIR holds its
+`hf_smcsd` package; e.g. `git worktree add /tmp/main main`), interleaved with the others:
+a before/after comparison under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +66,18 @@ def load_pair(name: str):
     return target, draft, prompts, tokenizer.pad_token_id
 
 
+def load_baseline(directory: str):
+    """The `hf_smcsd` package of another checkout, imported as `hf_smcsd_baseline` (its
+    modules import each other relatively, so both copies live side by side)."""
+    package = Path(directory).resolve() / "hf_smcsd"
+    spec = importlib.util.spec_from_file_location("hf_smcsd_baseline", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def left_pad(prompts, pad):
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -79,9 +97,12 @@ def main() -> None:
     parser.add_argument("--auto", default="4:4", help="auto's N:K (K is its largest block)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline", default=None,
+                        help="a checkout whose auto runs beside this one's (before/after, same load)")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     torch.set_num_threads(1)
-    fixed = [tuple(f.split(":")) for f in args.fixed.split(",")]
+    fixed = [tuple(f.split(":")) for f in args.fixed.split(",") if f]
     auto_n, auto_k = map(int, args.auto.split(":"))
     for pair in args.pairs.split(","):
         target, draft, prompts, pad = load_pair(pair)
@@ -90,6 +111,8 @@ def main() -> None:
             sampling = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=args.max_new_tokens,
                             eos_token_id=None, pad_token_id=pad)
             methods = {"target alone": None, f"auto N={auto_n} K<={auto_k}": ("auto", auto_n, auto_k)}
+            if baseline is not None:
+                methods["auto (baseline)"] = ("auto", auto_n, auto_k)
             methods.update({f"{m} N={n} K={k}": (m, int(n), int(k)) for m, n, k in fixed})
             times = {name: [] for name in methods}
             plans = []
@@ -102,10 +125,11 @@ def main() -> None:
                         target.generate(ids, attention_mask=mask, **sampling)
                     else:
                         mode, n, k = spec
-                        out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_mode=mode,
+                        package = baseline if name == "auto (baseline)" else hf_smcsd
+                        out = package.smc_generate(target, draft, ids, attention_mask=mask, smc_mode=mode,
                                                     smc_particles=n, smc_gamma=k, return_dict_in_generate=True,
                                                     **sampling)
-                        if mode == "auto" and repeat:
+                        if name.startswith("auto N") and repeat:
                             plans += [p for prompt in out.round_plans for p in prompt]
                     if repeat:
                         times[name].append(time.perf_counter() - start)
@@ -113,15 +137,18 @@ def main() -> None:
             speed = {name: tokens / statistics.median(t) for name, t in times.items()}
             base = speed["target alone"]
             best_fixed = max((n for n in methods if methods[n] is not None and methods[n][0] != "auto"),
-                             key=speed.get)
+                             key=speed.get, default=None)
             auto_name = next(n for n in methods if n.startswith("auto"))
             mix = "".join(p["mode"] for p in plans)
             mean_k = sum(p["k"] for p in plans) / max(len(plans), 1)
             print(f"\n{pair}, batch {batch}, {args.max_new_tokens} new tokens, median of {args.repeats}:")
             for name in methods:
                 print(f"  {name:<18}{speed[name]:>9.1f} tok/s  {speed[name] / base:5.2f}x target")
-            print(f"  auto / target alone {speed[auto_name] / base:.2f}x; auto / best fixed ({best_fixed}) "
-                  f"{speed[auto_name] / speed[best_fixed]:.2f}x; auto rounds s/e/p "
+            against_fixed = (f"auto / best fixed ({best_fixed}) {speed[auto_name] / speed[best_fixed]:.2f}x; "
+                             if best_fixed else "")
+            if baseline is not None:
+                against_fixed += f"baseline auto / target alone {speed['auto (baseline)'] / base:.2f}x; "
+            print(f"  auto / target alone {speed[auto_name] / base:.2f}x; {against_fixed}auto rounds s/e/p "
                   + "/".join(f"{mix.count(m) / max(len(mix), 1):.2f}" for m in "sep") + f", mean K {mean_k:.1f}",
                   flush=True)
 

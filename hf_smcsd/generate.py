@@ -78,9 +78,10 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     step), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
     K would add: the quality measure compared with `smc_auto_threshold`; None for plain
     steps, NaN before any evidence) and `predicted_tokens_per_s` (the batch's, by the
-    measured costs, for the K chosen). With an adaptive `num_assistant_tokens_schedule`
-    ("heuristic" or "heuristic_transient") in exact, mixed or greedy runs,
-    `num_assistant_tokens`: the K the schedule reached (what the next exact round would
+    measured costs, for the K chosen). Plain steps run in bursts planned once: each step is
+    its own round and entry, with the burst's plan. With an adaptive
+    `num_assistant_tokens_schedule` ("heuristic" or "heuristic_transient") in exact, mixed
+    or greedy runs, `num_assistant_tokens`: the K the schedule reached (what the next exact round would
     draft; "heuristic" also stores it on the assistant's generation config); else None.
     """
 

@@ -45,6 +45,7 @@ that starts paying later is found at a logarithmic cost.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -201,21 +202,27 @@ class CostModel:
         self.overhead[kind] = max(seconds, 0.0) if old is None else old + self.smoothing * (max(seconds, 0.0) - old)
 
     def round_seconds(self, rows: int, k: int) -> float:
+        """Predicted seconds of a round over `rows` rows drafting `k` tokens. A plain round's
+        own overhead counts as 0 until measured (a drafted round's, which holds far more
+        work, would hide plain decoding; the loop measures it with a one-step burst)."""
         if k == 0:
-            return self.verify(rows) + self.overhead.get("plain", self.overhead.get("spec", 0.0))
+            return self.verify(rows) + self.overhead.get("plain", 0.0)
         return (k * self.draft_step(rows) + self.verify(rows * (k + 1))
                 + self.overhead.get("spec", self.overhead.get("plain", 0.0)))
 
 
 @dataclass
 class Plan:
-    """One round's shape, with the numbers it was chosen by."""
+    """One round's shape, with the numbers it was chosen by. Every field stays on the device
+    (choosing costs no host synchronisation): the loop reads `k` with its round-start
+    summary (`smc.choose_round_shape`), the diagnostics read the rest at the end."""
 
-    k: int  # 0: plain target step, no draft pass
+    k: torch.Tensor  # 0-dim long: draft tokens per row; 0 is a plain target step, no draft pass
     exact: torch.Tensor  # [G] bool: exact groups (SMC-SD elsewhere); all False when k == 0
     bias: torch.Tensor  # [G] the bound of an SMC-SD round at this K (NaN: no evidence)
-    tokens_per_s: float  # predicted, whole batch
-    tokens_per_s_by_k: list[float]  # predicted for every K from 0 to the largest allowed
+    tokens_per_s: torch.Tensor  # 0-dim float64: predicted, whole batch
+    tokens_per_s_by_k: torch.Tensor  # [choices] predicted for every K allowed, smallest K first
+    ks: tuple[int, ...] = ()  # the K of each entry of `tokens_per_s_by_k`
 
 
 def plan_round(
@@ -236,33 +243,52 @@ def plan_round(
     drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not);
     `plain_rows`: the rows a plain round runs (one per group where the loop can narrow).
     Costs not measured yet count as equal for every K (no preference from speed), so the
-    first rounds draft at the user's K. One host synchronisation."""
+    first rounds draft at the user's K. No host synchronisation: the expected tokens stay on
+    the device, the predicted seconds (host numbers of the cost model) go to it."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
     weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
-    tokens, exact_by_k, bias_by_k = [], [], []
-    for k in ks:
-        if k == 0:
-            exact_by_k.append(torch.zeros_like(rate, dtype=torch.bool))
-            bias_by_k.append(torch.full_like(rate, float("nan")))
-            tokens.append(weight.sum())
-            continue
-        bias = block_bias(rate, k)
-        smc = (bias <= bound) & allow_smc  # NaN compares False: no evidence, no SMC-SD
-        per_group = torch.where(smc, float(k + 1), expected_exact_tokens(accept, k))
-        exact_by_k.append(~smc)
-        bias_by_k.append(bias)
-        tokens.append((per_group * weight).sum())
-    tokens = torch.stack(tokens).tolist()
+    # Every K at once, `[choices, G]` (a handful of tensor operations: this runs every round).
+    # (Built on the device: `torch.tensor(list, device=cuda)` would wait for the GPU.)
+    k_values = torch.arange(ks[0], gamma + 1, device=rate.device)
+    k_column = k_values.to(rate.dtype).unsqueeze(1)
+    bias = block_bias(rate.unsqueeze(0), k_column)
+    smc = (bias <= bound) & allow_smc & (k_column > 0)  # NaN compares False: no evidence, no SMC-SD
+    depth = torch.arange(gamma + 1, device=rate.device)
+    # Exact: 1 + a + ... + a^K, the powers of `a` up to each K (K = 0: one plain token).
+    powers = accept.unsqueeze(-1) ** depth
+    exact_tokens = torch.where(depth <= k_column.unsqueeze(-1), powers.unsqueeze(0), 0.0).sum(dim=-1)
+    per_group = torch.where(smc, k_column + 1, exact_tokens)
+    tokens = (per_group * weight).sum(dim=-1).double()
+    exact_by_k = ~smc & (k_column > 0)
+    bias_by_k = torch.where(k_column > 0, bias, float("nan"))
     if costs.verify.known and costs.draft_step.known:
         seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
     else:
         seconds = [1.0 for _ in ks]
         if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)
             tokens[0] = -1.0
-    speed = [t / s for t, s in zip(tokens, seconds)]
-    best = max(range(len(ks)), key=lambda i: (speed[i], ks[i]))  # ties: the longer block
-    return Plan(k=ks[best], exact=exact_by_k[best], bias=bias_by_k[best], tokens_per_s=speed[best],
-                tokens_per_s_by_k=speed)
+    # Host numbers to the device without waiting for it (a blocking copy would synchronise).
+    speed = tokens / torch.tensor(seconds, dtype=tokens.dtype).to(tokens.device, non_blocking=True)
+    # The fastest; ties go to the longer block (argmax returns the first maximum: search from the end).
+    best = (len(ks) - 1 - torch.argmax(speed.flip(0))).view(1)
+    pick = lambda values: values.index_select(0, best)[0]  # noqa: E731  (no host read)
+    k = k_values.index_select(0, best)[0]
+    return Plan(k=k, exact=pick(exact_by_k), bias=pick(bias_by_k), tokens_per_s=speed.index_select(0, best)[0],
+                tokens_per_s_by_k=speed, ks=tuple(ks))
+
+
+def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int) -> bool:
+    """Whether some K could beat plain decoding even if every draft were accepted (K + 1
+    tokens per group and round), by the measured costs: the models' time of a drafted
+    round (its loop overhead left out, so this errs towards yes) against K + 1 plain
+    rounds. Where no K can (a compute-bound target, whose verify pass costs about what
+    its tokens cost), a first probe only loses time (the loop skips it; later probes keep
+    their schedule, so a wrong measurement is measured again). True while costs are
+    unknown."""
+    if not (costs.verify.known and costs.draft_step.known):
+        return True
+    plain = costs.round_seconds(plain_rows, 0)
+    return any((k + 1) * plain > k * costs.draft_step(rows) + costs.verify(rows * (k + 1)) for k in range(1, gamma + 1))
 
 
 @dataclass
@@ -286,16 +312,29 @@ class ProbeSchedule:
             return True
         return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
 
-    def after(self, k: int, probe: bool, seconds: float = 0.0) -> None:
+    def plain_rounds_before_probe(self, probe_seconds: float, seconds: float) -> int | None:
+        """How many plain rounds of `seconds` each may run, from now, before `must_draft`
+        holds again (at least 1; None: never, when plain rounds take no time but a probe
+        does). The loop runs that many in one burst (`smc.plain_burst`)."""
+        wait, factor = (2 * self.wait, 2 * self.factor) if self.probed else (self.wait, self.factor)
+        rounds = max(wait - self.streak, 1)
+        short = factor * probe_seconds - self.plain_seconds
+        if short > 0:
+            if seconds <= 0:
+                return None
+            rounds = max(rounds, math.ceil(short / seconds))
+        return rounds
+
+    def after(self, k: int, probe: bool, seconds: float = 0.0, rounds: int = 1) -> None:
         """Record the round just planned: its K, whether it was a forced probe, and its
-        predicted seconds."""
+        predicted seconds; a plain K may stand for `rounds` plain rounds in a row."""
         self.first = False
         if k == 0:
             if self.probed:
                 self.wait *= 2
                 self.factor *= 2
-            self.streak += 1
-            self.plain_seconds += seconds
+            self.streak += rounds
+            self.plain_seconds += rounds * seconds
         else:
             self.streak, self.plain_seconds = 0, 0.0
             if not probe:

@@ -338,7 +338,9 @@ class Population:
         """Drafting resumes after narrow plain rounds: the draft catches up on the tokens it
         missed (one row per group, one pass), then every group gets its N rows back."""
         if self.draft_pending.shape[1] > 1:
+            self.auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
             self.draft.extend(self.draft_pending[:: self.n, :-1])
+            self.auto.clock.stop("catch-up")
             self.draft_pending = self.draft_pending[:, -1:]
         for runner in (self.target, self.draft):
             runner.expand(self.n)
@@ -483,6 +485,18 @@ class Rules:
             )
         return is_stop
 
+    def group_stops(self, population: Population, tokens: torch.Tensor) -> torch.Tensor:
+        """`[groups]`: whether each live group's newest token (`tokens`, already committed to
+        its first row, within its clock) completes a stop (plain rounds)."""
+        is_stop = torch.isin(tokens, self.stop_ids)
+        if self.stop_fn is not None:
+            first = torch.arange(population.num_live_groups, device=tokens.device) * population.n
+            is_stop |= population.by_clock(
+                True, lambda index: self.stop_fn(population.history(first if index is None else first[index], []), 1)[:, 0],
+                population.clock[population.groups],
+            )
+        return is_stop
+
 
 # --- What the phases of a round hand each other. ---
 
@@ -498,7 +512,7 @@ class RoundShape:
     collapse: torch.Tensor
     remaining: torch.Tensor
     summary: torch.Tensor
-    plan: planner.Plan | None = None  # auto: the planner's choice (its K is `planned_k`)
+    plan: planner.Plan | None = None  # auto: the planner's choice (its K is read with `summary`)
     num_done: int = 0
     num_collapse: int = 0
     any_exact: bool = False
@@ -514,12 +528,13 @@ class RoundShape:
         (`Population.gamma_now`: `gamma` unless a heuristic schedule adapted it; SMC-SD
         rounds keep the user's K, a quality knob for them). The last rounds draft only what
         some budget can keep, and skip the bonus where no budget reaches it."""
-        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, gamma_now, *self.invalid = summary
-        self.any_exact = num_exact > 0
+        self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, gamma_now, *rest = summary
         if self.plan is not None:
-            k = self.plan.k
+            k = rest.pop(0)  # auto: the planner's K
         else:
             k = gamma_now if num_exact == self.done.shape[0] - self.num_done else gamma
+        self.invalid = rest
+        self.any_exact = num_exact > 0
         self.k = min(k, most)
         self.with_bonus = most > self.k
 
@@ -604,7 +619,8 @@ def smc_sample(
 
     while True:
         # Choose the round's shape: which groups end, each group's mode (auto: the round
-        # planner, which also plans K), then, from one host synchronisation, the round's K.
+        # planner, which also plans K, on the device), then, from one host synchronisation,
+        # the round's K.
         if auto is not None:
             auto.clock.start("round")
         shape = choose_round_shape(population, settings)
@@ -621,13 +637,19 @@ def smc_sample(
         if shape.num_collapse:  # SMC-SD -> exact (or plain): one particle drawn by weight becomes the whole group
             collapse_groups(population, shape.collapse)
             continue  # the chosen particle may have finished: re-check which groups end
-        population.grow_token_buffer(shape.least, settings.max_gamma)
-        if shape.k == 0:  # auto's plain round: one target sampling step, no draft pass
-            plain_round(population, rules, shape)
+        if shape.k == 0:  # auto's plain rounds: target sampling steps, no draft pass, until a probe is due
+            steps = auto.burst_length(shape.least)
+            population.grow_token_buffer(shape.least, max(settings.max_gamma, steps))
+            plain_burst(population, rules, shape, steps)
             population.stream_settled()
             continue
-        if population.draft_pending.shape[1] > 2:  # drafting resumes after plain rounds on N rows
+        population.grow_token_buffer(shape.least, settings.max_gamma)
+        if auto is not None:
+            auto.drafting(shape.k)
+        if population.draft_pending.shape[1] > 2:  # drafting resumes after auto's plain rounds on N rows
+            auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
             population.draft.extend(population.draft_pending[:, :-1])  # the draft catches up in one pass
+            auto.clock.stop("catch-up")
             population.draft_pending = population.draft_pending[:, -1:]
         saved = population.save()
 
@@ -657,7 +679,10 @@ def smc_sample(
 
 _COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
 _COST_CACHE_SIZE = 64
-REPLAN_EVERY = 8  # plain rounds that may reuse one plan (_AutoState.plan)
+# Plain rounds one plan may run in a row (`plain_burst`), unless a probe is due sooner: the
+# loop's own work (planning, diagnostics, cost observations) is paid once per burst, not per
+# token; the cap keeps the measured costs fresh.
+MAX_BURST = 32
 
 
 def _cost_key(runner) -> tuple | None:
@@ -693,9 +718,9 @@ class _AutoState:
         self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
         self.clock = PhaseClock(device)
         self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE, factor=planner.PROBE_FACTOR)
-        self.last_round: tuple[int, int, int] | None = None  # (rows, K, verify width) of the round just run
-        self.last_plan: planner.Plan | None = None
-        self.last_plain_seconds, self.reused = 0.0, 0
+        self.last_round: tuple[int, int, int, int] | None = None  # (rows, K, verify width, rounds) just run
+        self.probing = False  # the round planned last is a probe (the schedule forced a draft)
+        self.probe_seconds = self.plain_seconds = 0.0  # predicted seconds of a probe / a plain round
         self.measure = settings.auto_costs is None
         if not self.measure:
             self.costs = settings.auto_costs
@@ -711,49 +736,60 @@ class _AutoState:
                 _COST_CACHE[key] = self.costs
 
     def _calibrate(self, target: Runner, draft: Runner, x0: torch.Tensor) -> planner.CostModel:
-        """A short calibration before the first round (then cached): the verify pass at width
-        1 and K + 1 and one draft step, each the faster of two runs, fed and rolled back."""
+        """A short calibration before the first round (then cached): one step of each model
+        over every row, fed and rolled back: what a plain round and a draft step cost. The
+        rounds measure the rest (the verify pass at other widths), each observed at the
+        start of the round after it, so the second round is planned from these two. (It
+        used to time both models at two widths, twice each: four forwards more, a tenth of
+        a 48-token output the first time a shape is met.)"""
         costs = planner.CostModel()
         rows = x0.shape[0]
-        for runner, widths, cost in ((target, (1, self.gamma + 1), costs.verify), (draft, (1,), costs.draft_step)):
-            for width in widths:
-                best = float("inf")
-                for _ in range(2):
-                    self.clock.synchronize()
-                    start = time.perf_counter()
-                    runner.extend(x0.unsqueeze(1).expand(rows, width).contiguous())
-                    self.clock.synchronize()
-                    best = min(best, time.perf_counter() - start)
-                    runner.rollback(torch.full((rows,), width, dtype=torch.long, device=x0.device))
-                cost.observe(rows * width, best)
+        for runner, cost in ((target, costs.verify), (draft, costs.draft_step)):
+            self.clock.synchronize()
+            start = time.perf_counter()
+            runner.extend(x0.unsqueeze(1))
+            self.clock.synchronize()
+            cost.observe(rows, time.perf_counter() - start)
+            runner.rollback(torch.ones(rows, dtype=torch.long, device=x0.device))
         return costs
 
     def plan(self, group_done: torch.Tensor) -> planner.Plan:
-        """The planner's choice for the live groups (`group_done`: those ending now). In a
-        run of plain rounds nothing the plan depends on changes but the measured costs, so
-        the last plan is reused (no planner work, no host synchronisation) until a probe is
-        due, the live groups change, or `REPLAN_EVERY` rounds have passed."""
+        """The planner's choice for the live groups (`group_done`: those ending now), on the
+        device: the loop reads its K with the round's first host synchronisation."""
         p = self.population
         groups, rows = p.groups, p.rows.shape[0]
         plain_rows = groups.shape[0] if p.can_narrow else rows
-        probe_seconds = self.costs.round_seconds(rows, self.gamma) if self.costs.verify.known else 0.0
-        probe = self.probes.must_draft(probe_seconds)
-        last = self.last_plan
-        if (last is not None and last.k == 0 and not probe and last.exact.shape[0] == groups.shape[0]
-                and self.reused < REPLAN_EVERY):
-            self.reused += 1
-            self.probes.after(0, False, self.last_plain_seconds)
-            return last
-        self.reused = 0
+        known = self.costs.verify.known
+        self.probe_seconds = self.costs.round_seconds(rows, self.gamma) if known else 0.0
+        self.plain_seconds = self.costs.round_seconds(plain_rows, 0) if known else 0.0
+        if self.probes.first and not planner.drafting_can_pay(self.costs, rows, plain_rows, self.gamma):
+            # No acceptance could pay by the (cached) costs: no first probe; the schedule
+            # still probes later, so costs measured wrongly (a loaded machine) get measured again.
+            self.probes.first = False
+        self.probing = self.probes.must_draft(self.probe_seconds)
         accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
-        plan = planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
-                                  allow_plain=not probe, allow_smc=not self.greedy, live=~group_done,
+        return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
+                                  allow_plain=not self.probing, allow_smc=not self.greedy, live=~group_done,
                                   plain_rows=plain_rows)
-        plain_seconds = self.costs.round_seconds(plain_rows, 0) if self.costs.verify.known else 0.0
-        self.probes.after(plan.k, probe, plain_seconds)
-        self.last_plan, self.last_plain_seconds = plan, plain_seconds
-        return plan
+
+    def drafting(self, k: int) -> None:
+        """The planned round drafts `k` tokens (it runs: no collapse came first)."""
+        self.probes.after(k, self.probing)
+
+    def burst_length(self, least: int) -> int:
+        """Plain rounds the loop runs in one burst: until a probe is due, at most `MAX_BURST`
+        and at most `least` (the fewest tokens any live group has left)."""
+        if self.measure and "plain" not in self.costs.overhead:
+            return 1  # measure a plain round's own time first (planner.CostModel.round_seconds)
+        before = self.probes.plain_rounds_before_probe(self.probe_seconds, self.plain_seconds)
+        return max(1, min(least, MAX_BURST, before or MAX_BURST))
+
+    def plain_done(self, rows: int, steps: int) -> None:
+        """A burst of `steps` plain rounds over `rows` target rows ran."""
+        self.probes.after(0, False, self.plain_seconds, rounds=steps)
+        self.clock.stop("round")
+        self.last_round = (rows, 0, 1, steps)
 
     def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:
         bias, tv = planner.position_measures(target_lp, draft_lp, self.n)
@@ -768,21 +804,22 @@ class _AutoState:
 
     def round_done(self, rows: int, k: int, verify_width: int) -> None:
         self.clock.stop("round")
-        self.last_round = (rows, k, verify_width)
+        self.last_round = (rows, k, verify_width, 1)
 
     def observe_last_round(self) -> None:
         """Feed the spans of the round before into the cost model (after a synchronisation)."""
         spans = self.clock.collect()
         if self.last_round is None or not self.measure or "round" not in spans:
             return
-        rows, k, width = self.last_round
+        rows, k, width, rounds = self.last_round  # a plain burst: `rounds` of the same shape
         self.last_round = None
-        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0)
+        # The draft's catch-up after plain rounds is model time too (its length varies): not overhead.
+        model_seconds = spans.get("verify", 0.0) + spans.get("draft", 0.0) + spans.get("catch-up", 0.0)
         if "verify" in spans:
-            self.costs.verify.observe(rows * width, spans["verify"])
+            self.costs.verify.observe(rows * width, spans["verify"] / rounds)
         if k > 0 and "draft" in spans:
             self.costs.draft_step.observe(rows, spans["draft"] / k)
-        self.costs.observe_overhead("spec" if k > 0 else "plain", spans["round"] - model_seconds)
+        self.costs.observe_overhead("spec" if k > 0 else "plain", (spans["round"] - model_seconds) / rounds)
 
 
 # --- The phases, in the loop's order. ---
@@ -825,10 +862,10 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     finished or their budget spent) and each group's mode, fixed before this round's drafts
     are drawn (policy.py; a dead round's redo and greedy decoding force exact). For auto the
     round planner (planner.py, docs/algorithm.md "Planning a round") fixes each group's mode
-    and plans K from earlier rounds only (one host synchronisation of its own); K = 0, a
+    and plans K from earlier rounds only, on the device (its K joins `summary`); K = 0, a
     plain round, collapses every diverse group (its weights would not change: drawing its
     particle now loses nothing). The loop reads `summary` on the host and
-    `RoundShape.settle` fixes K. Changes nothing but the planner's probe schedule."""
+    `RoundShape.settle` fixes K. Changes nothing."""
     p, n, budget = population, population.n, population.budget
     groups = p.groups
     done = p.finished[p.rows].view(-1, n).all(dim=1) | (p.clock[groups] >= budget)
@@ -844,10 +881,11 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     collapse = wants_one_particle & ~p.identical[groups] & ~done
     remaining = budget - p.clock[groups]
     left = torch.where(done, -1, remaining)
-    summary = torch.cat([torch.stack([done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(),
-                                      torch.where(done, budget, remaining).min(),
-                                      (~p.identical[groups] & ~done).sum(), p.gamma_now.long()]),
-                         p.invalid.long()])
+    counts = [done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(), torch.where(done, budget, remaining).min(),
+              (~p.identical[groups] & ~done).sum(), p.gamma_now.long()]
+    if plan is not None:
+        counts.append(plan.k)
+    summary = torch.cat([torch.stack(counts), p.invalid.long()])
     return RoundShape(done, exact, collapse, remaining, summary, plan)
 
 
@@ -867,44 +905,66 @@ def collapse_groups(population: Population, collapse: torch.Tensor) -> None:
     p.identical[p.groups[collapse]] = True
 
 
-def plain_round(population: Population, rules: Rules, shape: RoundShape) -> None:
-    """Auto's plain round (K = 0): one target sampling step per group, no draft pass
-    (lossless). Every live group is identical here (the shape collapsed the others), so its
-    rows share one draw; where both runners can give rows back, the caches first narrow to
-    one row per group and stay so until drafting resumes (`Population.widen_rows`). The
-    draft sees the new tokens when drafting resumes (`draft_pending` grows by one). Commits
-    the token (`tokens`, `lengths`, `finished`, `clock`), counts the round (`rounds_run`,
-    `stats`), sets `last_token`; weights do not change (alpha = 1 in auto)."""
-    p, n, settings, auto = population, population.n, rules.settings, population.auto
-    live = p.num_live_groups
+def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: int) -> None:
+    """Auto's plain rounds (K = 0): up to `steps` target sampling steps in a row, no draft
+    pass (lossless), in a tight loop like transformers' own sampling loop: per step one
+    target forward, the processors, one draw, the stop check. Every live group is identical
+    (the shape collapsed the others) and none of its rows has finished (it would be done),
+    so one row per group is drawn for; where both runners can give rows back, the caches
+    first narrow to one row per group and stay so until drafting resumes
+    (`Population.widen_rows`). The burst ends early after a step where some group stops
+    (read on the host each step, as transformers does, only when a stop is possible).
+    The loop's own work is paid once per burst: the tokens go to each group's first row
+    as they are drawn (processors and stops read them there) and to the others at the end,
+    with the diagnostics (one plain round per step) and the cost observations. Commits the
+    tokens (`tokens`, `lengths`, `finished`, `clock`), counts the rounds (`rounds_run`,
+    `stats`), sets `last_token`; the draft sees the new tokens when drafting resumes
+    (`draft_pending` grows by them); weights do not change (alpha = 1 in auto)."""
+    p, n, auto, settings = population, population.n, population.auto, rules.settings
     if p.can_narrow and not p.narrow and shape.num_diverse == 0:
         p.narrow_rows()
-    auto.clock.start("verify")
-    logits = p.target.extend((p.last_token[::n] if p.narrow else p.last_token).unsqueeze(1))
-    auto.clock.stop("verify")
-    if p.narrow:
-        lp = p.group_distribution(rules.target_log_probs, logits)[:, 0]
-    else:
-        lp = p.distribution(rules.target_log_probs, logits, [])[:, 0]
-    p.note_distribution(TARGET, lp)
-    if settings.greedy:
-        lp = verify.one_hot(lp).log()
-    token = sample(lp)
-    if p.narrow:
-        token = token.repeat_interleave(n)
-    else:  # identical groups (the shape collapsed the others) share their first row's draw
-        token = token.view(live, n)[:, :1].expand(live, n).flatten()
-    active = ~p.finished[p.rows]
-    stopped = rules.stops(p, token.unsqueeze(1))[:, 0]
-    one = torch.ones(live, dtype=torch.long, device=token.device)
-    p.commit_tokens(token.unsqueeze(1), active.unsqueeze(1), active.long(), stopped, active, 0.0, one)
-    p.rounds_run[p.groups] += 1
-    p.stats.round(p.groups, torch.zeros_like(shape.exact), one, None, plain=True,
-                  plan=(0, shape.plan.bias, shape.plan.tokens_per_s))
-    p.stats.ess.append((p.groups, effective_sample_size(p.log_weights[p.rows].view(-1, n))))
-    p.last_token = token
-    p.draft_pending = torch.cat([p.draft_pending, token.unsqueeze(1)], dim=1)
-    auto.round_done(live if p.narrow else p.rows.shape[0], 0, 1)
+    groups, live, device = p.groups, p.num_live_groups, p.rows.device
+    first = p.rows[::n]  # each group's first particle (full rows)
+    start_clock = p.clock[groups].clone()
+    can_stop = rules.stop_ids.numel() > 0 or rules.stop_fn is not None
+    stopped = None
+    token = p.last_token[::n]
+    if p.stream is not None:
+        p.stream_settled()  # a collapse may have settled tokens; the burst streams its own as drawn
+    for step in range(steps):
+        auto.clock.start("verify")
+        logits = p.target.extend((token if p.narrow else token.repeat_interleave(n)).unsqueeze(1))
+        auto.clock.stop("verify")
+        lp = p.group_distribution(rules.target_log_probs, logits if p.narrow else logits[::n])[:, 0]
+        p.note_distribution(TARGET, lp)
+        if settings.greedy:
+            lp = verify.one_hot(lp).log()
+        token = sample(lp)
+        p.tokens[first, start_clock + step] = token
+        p.clock[groups] += 1  # processors and stopping criteria read the tokens up to the clock
+        if p.stream is not None:  # one prompt, identical particles: every drawn token is settled
+            p.stream(token)
+            p.streamed += 1
+        if can_stop:
+            stopped = rules.group_stops(p, token)
+            if bool(stopped.any()):  # host read, as transformers' loop reads its finished rows
+                break
+    ran = step + 1
+    new = p.tokens[first.unsqueeze(1), start_clock.unsqueeze(1) + torch.arange(ran, device=device)]
+    new = new.repeat_interleave(n, dim=0)  # [rows, ran]: every particle of a group the same
+    rows = p.rows.shape[0]
+    p.clock[groups] = start_clock  # commit_tokens advances the clocks
+    every = torch.ones(rows, dtype=torch.bool, device=device)
+    stopped = torch.zeros_like(every) if stopped is None else stopped.repeat_interleave(n)
+    p.commit_tokens(new, every.unsqueeze(1).expand(rows, ran), torch.full((rows,), ran, device=device), stopped, every,
+                    0.0, torch.full((live,), ran, device=device))
+    p.rounds_run[groups] += ran
+    p.stats.round(groups, torch.zeros_like(shape.exact), torch.ones(live, dtype=torch.long, device=device), None,
+                  plain=True, plan=(0, shape.plan.bias, shape.plan.tokens_per_s), rounds=ran)
+    p.stats.ess.append((groups.repeat(ran), effective_sample_size(p.log_weights[p.rows].view(-1, n)).repeat(ran)))
+    p.last_token = new[:, -1]
+    p.draft_pending = torch.cat([p.draft_pending, new], dim=1)
+    auto.plain_done(live if p.narrow else rows, ran)
 
 
 def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Drafts:
@@ -1213,10 +1273,11 @@ class _Stats:
         self.ess: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_resamples = torch.zeros(batch, dtype=torch.long, device=first_exact.device)
 
-    def round(self, groups, exact, advance, accepted, plain=False, plan=None) -> None:
-        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s) for auto."""
+    def round(self, groups, exact, advance, accepted, plain=False, plan=None, rounds=1) -> None:
+        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s) for auto;
+        `rounds`: a burst of that many plain rounds of the same shape (one per step)."""
         # Kept on the device until the end: no host synchronisation per round.
-        self.records.append(("round", groups, exact, advance.clone(), accepted, plain, plan))
+        self.records.append(("round", groups, exact, advance.clone(), accepted, plain, plan, rounds))
 
     def redo(self, groups) -> None:
         self.records.append(("redo", groups))
@@ -1238,19 +1299,20 @@ class _Stats:
                         plans[g][-1]["mode"] = REDONE_ROUND
                     smc_tokens[g] -= last_advance[g]
                 continue
-            _, groups, exact, advance, walk_accepted, plain, plan = record
+            _, groups, exact, advance, walk_accepted, plain, plan, rounds = record
             exact_index = 0
             walk_accepted = walk_accepted.tolist() if walk_accepted is not None else []
             bias = plan[1].tolist() if plan is not None else None
+            speed = float(plan[2]) if plan is not None else None
             for i, (g, is_exact, adv) in enumerate(zip(groups.tolist(), exact.tolist(), advance.tolist())):
                 letter = PLAIN_ROUND if plain else EXACT_ROUND if is_exact else SMC_ROUND
-                modes[g].append(letter)
+                modes[g].extend(letter * rounds)
                 last_advance[g] = adv
                 if plan is not None:
-                    plans[g].append({"mode": letter, "k": plan[0], "bias_bound": None if plain else bias[i],
-                                     "predicted_tokens_per_s": plan[2]})
+                    plans[g].extend({"mode": letter, "k": plan[0], "bias_bound": None if plain else bias[i],
+                                     "predicted_tokens_per_s": speed} for _ in range(rounds))
                 if plain:
-                    plain_tokens[g] += adv
+                    plain_tokens[g] += adv * rounds
                 elif is_exact:
                     exact_tokens[g] += adv
                     accepted[g].append(walk_accepted[exact_index])

@@ -18,8 +18,9 @@ PROMPT = [1, 2, 3]
 
 def costs(draft_step: float) -> planner.CostModel:
     """Fixed costs (reproducible plans): a width-free verify of 1 s, draft steps of
-    `draft_step` s. Expensive draft steps make plain rounds the planner's choice; free ones
-    make every round draft."""
+    `draft_step` s. Draft steps of 0.9 s make plain rounds the planner's choice after a
+    probe (drafting could pay only at an acceptance near 1: the planner probes, see
+    `planner.drafting_can_pay`); free ones make every round draft."""
     model = planner.CostModel()
     model.verify.points = {1: 1.0}
     model.draft_step.points = {1: draft_step}
@@ -27,7 +28,7 @@ def costs(draft_step: float) -> planner.CostModel:
     return model
 
 
-PLAIN_COSTS, SPEC_COSTS = costs(10.0), costs(0.0)
+PLAIN_COSTS, SPEC_COSTS = costs(0.9), costs(0.0)
 
 
 @pytest.fixture
@@ -172,3 +173,81 @@ def test_fixed_costs_make_auto_reproducible_and_measured_costs_are_cached(pair):
                           max_new_tokens=8, eos_token_id=None)
     (measured,) = smc._COST_CACHE.values()
     assert measured.verify.known and measured.draft_step.known and set(measured.overhead) <= {"plain", "spec"}
+
+
+@pytest.mark.parametrize("stop", ["eos", "criteria"])
+def test_plain_bursts_stop_where_the_target_stops(pair, stop):
+    """A burst of plain rounds ends at the step where some group stops (an EOS id, or a
+    stopping criterion reading the sequence), and the other groups go on: greedy auto
+    returns the target's own greedy output, prompt by prompt."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    target, draft = pair
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
+    ids, mask = left_pad(prompts)
+    free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                           eos_token_id=None)[:, ids.shape[1]:]
+    token = int(free[0, 6])  # prompt 0 stops at its 7th new token (or earlier); the others when they meet it
+    kwargs = dict(eos_token_id=token) if stop == "eos" else dict(
+        eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAfterToken(token)]))
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=3,
+                                smc_mode="auto", smc_auto_costs=PLAIN_COSTS, do_sample=False, max_new_tokens=24,
+                                pad_token_id=0, return_dict_in_generate=True, **kwargs)
+    new = out.sequences[:, ids.shape[1]:]
+    for b, row in enumerate(free.tolist()):
+        end = row.index(token) + 1 if token in row else len(row)  # the target's greedy text up to its first stop
+        assert new[b, :end].tolist() == row[:end] and (new[b, end:] == 0).all()
+    modes = out.round_modes
+    assert all(m.startswith("e") and set(m[1:]) == {"p"} for m in modes)  # one probe, then plain bursts
+    assert len(modes[0]) < len(max(modes, key=len))  # prompt 0 stopped first; the others went on
+
+
+def test_planning_reads_nothing_back_from_the_device(monkeypatch):
+    """The plan stays on the device (its K is read with the round's first synchronisation,
+    `smc.choose_round_shape`): no host read of a tensor inside `plan_round`."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan_round read a tensor on the host")
+
+    rate = torch.tensor([0.001, 0.3, float("nan")], dtype=torch.float64)
+    accept = torch.full((3,), 0.8, dtype=torch.float64)
+    for costs_model in (SPEC_COSTS, PLAIN_COSTS, planner.CostModel()):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                m.setattr(torch.Tensor, name, refuse)
+            plan = planner.plan_round(rate, accept, costs_model, rows=12, gamma=4, bound=0.02,
+                                      live=torch.tensor([True, True, False]), plain_rows=3)
+        assert 0 <= int(plan.k) <= 4 and plan.exact.shape == (3,)
+        assert int(plan.k) == 4 or costs_model is PLAIN_COSTS  # free drafts, or nothing measured: the longest
+
+
+def test_plain_bursts_stream_each_token_as_it_is_drawn(pair, probe_every_round):
+    """A streamer gets every token of a plain burst at once (one put per step), and exactly
+    the returned tokens."""
+    class Recording:
+        def __init__(self):
+            self.puts, self.ended = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended += 1
+
+    target, draft = pair
+    streamer = Recording()
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6, 7]]), smc_particles=3, smc_gamma=2,
+                                smc_mode="auto", smc_auto_costs=PLAIN_COSTS, do_sample=True, max_new_tokens=24,
+                                streamer=streamer, eos_token_id=None, return_dict_in_generate=True)
+    assert streamer.puts[0] == [[5, 6, 7]] and streamer.ended == 1
+    assert [t for chunk in streamer.puts[1:] for t in chunk] == out.sequences[0, 3:].tolist()
+    plain = out.round_modes[0].count("p")
+    assert plain > 10 and sum(len(chunk) == 1 for chunk in streamer.puts[1:]) >= plain

@@ -221,3 +221,43 @@ def test_probe_schedule_backs_off_and_resets():
     assert probes.wait == 4 and probes.factor == 8.0 and probes.streak == 1
     probes.after(2, probe=False)  # drafting by choice resets the wait
     assert probes.wait == planner.FIRST_PROBE and probes.factor == planner.PROBE_FACTOR and probes.streak == 0
+
+
+def test_plain_rounds_before_probe_says_when_must_draft_holds_again():
+    """The loop runs that many plain rounds in one burst: afterwards `must_draft` holds,
+    one round earlier it does not."""
+    for wait, factor, probe_seconds, seconds, probed in [(8, 8.0, 2.0, 0.5, False), (8, 8.0, 0.1, 0.5, False),
+                                                         (4, 2.0, 3.0, 1.0, True), (2, 4.0, 0.0, 0.0, False)]:
+        probes = planner.ProbeSchedule(wait=wait, factor=factor, first=False, probed=probed)
+        rounds = probes.plain_rounds_before_probe(probe_seconds, seconds)
+        before = planner.ProbeSchedule(wait=wait, factor=factor, first=False, probed=probed)
+        before.after(0, probe=False, seconds=seconds, rounds=rounds - 1)
+        probes.after(0, probe=False, seconds=seconds, rounds=rounds)
+        assert probes.must_draft(probe_seconds) and (rounds == 1 or not before.must_draft(probe_seconds))
+    # 16 rounds of wait after a failed probe (the doubling), and the time: 2 * 8 * 2 s / 0.5 s = 64.
+    assert planner.ProbeSchedule(wait=8, factor=8.0, first=False, probed=True).plain_rounds_before_probe(2.0, 0.5) == 64
+    # Free plain rounds never pay for a probe that costs time.
+    assert planner.ProbeSchedule(first=False).plain_rounds_before_probe(1.0, 0.0) is None
+
+
+def test_a_plain_rounds_overhead_is_not_a_drafted_rounds():
+    """Until a plain round was measured its own time counts as 0, not as a drafted round's
+    (which holds far more work and would hide plain decoding from the planner)."""
+    model = planner.CostModel()
+    model.verify.points, model.draft_step.points = {8: 1.0}, {8: 0.1}
+    model.overhead = {"spec": 5.0}
+    assert model.round_seconds(8, 0) == 1.0 and model.round_seconds(8, 2) == pytest.approx(6.2)
+    model.observe_overhead("plain", 0.5)
+    assert model.round_seconds(8, 0) == 1.5
+
+
+def test_no_probe_where_no_acceptance_could_pay():
+    """A verify pass that costs what its tokens cost (a compute-bound target) never beats
+    plain decoding, whatever the draft: no probe. An overhead-bound one can."""
+    compute_bound = costs(0.0, 1.0, 0.0)  # verify: 1 s per token
+    compute_bound.draft_step.points = {8: 0.1}
+    assert not planner.drafting_can_pay(compute_bound, rows=8, plain_rows=2, gamma=4)  # 4 rows per group
+    overhead_bound = costs(1.0, 0.0, 0.0)
+    overhead_bound.draft_step.points = {8: 0.1}
+    assert planner.drafting_can_pay(overhead_bound, rows=8, plain_rows=2, gamma=4)
+    assert planner.drafting_can_pay(planner.CostModel(), rows=8, plain_rows=2, gamma=4)  # nothing measured
