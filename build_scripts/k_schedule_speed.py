@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_smcsd
+from hf_smcsd.bench.common import load_pair
 from hf_smcsd.bench.data import heldout_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +45,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(args.target, padding_side="left")
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
+    target, draft, tokenizer, _ = load_pair(args.target, args.draft, torch.device("cpu"), torch.float32)
     texts = prompts(args.prompts, args.seed)
     sampling = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=args.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
