@@ -251,62 +251,78 @@ def run_bench(target, draft, prompts: list[list[int]], pad_id: int, *, batch_siz
                     outputs[config].append(out)
             log(f"bench: repeat {r + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)")
 
-        # One instrumented run per engine configuration: the time split per round, and new
-        # tokens per prompt per target forward (its prefill, then one verify per round).
-        splits, per_call = {}, {}
-        for config in runnable:
-            if not config.engine or config.runner != "eager":
-                continue  # the split times eager runners only (a timed call would break compiled steps apart)
-            timer = common.Timer(device)
-            with common.instrumented(target, draft, timer):
-                seconds, tokens, out = call(config, seed + 20_000)
-            splits[config] = common.time_split(timer, seconds, out.num_rounds)
-            per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
-            per_call[config] = per_prompt / (timer.calls.get("verify", 0) + 1)
+        splits, per_call = _engine_splits(runnable, call, target, draft, device, stops, seed)
+        per_call.update(_baseline_calls_per_token(runnable, call, target, stops, seed))
+        logliks = _target_logliks(runnable, batches, new_tokens, counts, target, temperature)
 
-        # One counted run per baseline: new tokens per prompt per target forward. 1 for the target alone;
-        # for assisted generation, 1 + the mean number of accepted draft tokens per block
-        # (SMC-SD gets K+1 per round by construction, after one prefill).
-        for config in runnable:
-            if config.engine:
-                continue
-            if config.runner != "eager":  # target alone: one token per forward on any backend
-                per_call[config] = 1.0
-                continue
-            with CountCalls(target) as counter:
-                _, tokens, _ = call(config, seed + 30_000)
-            per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
-            per_call[config] = per_prompt / max(counter.calls, 1)
-
-        # Fidelity check: the target's log-likelihood of what each method wrote.
-        logliks = {}
-        for config in runnable:
-            ids, mask = batches[config.batch_size]
-            values = []
-            for tokens, lengths in zip(new_tokens[config], counts[config]):
-                values.append(common.target_log_likelihood(target, ids, mask, tokens, lengths, temperature))
-            logliks[config] = common.mean_and_stderr(torch.cat(values).tolist())
-
-    rows = []
-    for config in configs:
-        row = {"method": config.method, "runner": config.runner, "batch_size": config.batch_size,
-               "particles": config.particles, "gamma": config.gamma, "available": config.available, "note": "",
-               "name": config.name, "schedule": config.schedule, "auto_threshold": config.auto_threshold}
-        if not config.available:
-            row["note"] = ASSISTED_UNAVAILABLE
-            rows.append(row)
-            continue
-        rates = [int(c.sum()) / s for c, s in zip(counts[config], times[config])]
-        row.update(tokens_per_s=common.median(rates), tokens_per_s_repeats=rates,
-                   seconds_median=common.median(times[config]), new_tokens=int(counts[config][0].sum()),
-                   target_loglik_per_token=logliks[config][0], target_loglik_stderr=logliks[config][1])
-        row["tokens_per_target_call"] = per_call.get(config)
-        if config.engine:
-            row.update(smc_diagnostics(outputs[config], config.particles))
-            row.update(splits.get(config) or {f"ms_per_round_{p}": None for p in common.TIME_PARTS})
-        rows.append(row)
+    rows = [_row(config, times, counts, logliks, per_call, outputs, splits) for config in configs]
     add_speedups(rows)
     return rows
+
+
+def _engine_splits(runnable, call, target, draft, device, stops, seed):
+    """One instrumented run per engine configuration: the time split per round, and new
+    tokens per prompt per target forward (its prefill, then one verify per round)."""
+    splits, per_call = {}, {}
+    for config in runnable:
+        if not config.engine or config.runner != "eager":
+            continue  # the split times eager runners only (a timed call would break compiled steps apart)
+        timer = common.Timer(device)
+        with common.instrumented(target, draft, timer):
+            seconds, tokens, out = call(config, seed + 20_000)
+        splits[config] = common.time_split(timer, seconds, out.num_rounds)
+        per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
+        per_call[config] = per_prompt / (timer.calls.get("verify", 0) + 1)
+    return splits, per_call
+
+
+def _baseline_calls_per_token(runnable, call, target, stops, seed):
+    """One counted run per baseline: new tokens per prompt per target forward. 1 for the
+    target alone; for assisted generation, 1 + the mean number of accepted draft tokens per
+    block (SMC-SD gets K+1 per round by construction, after one prefill)."""
+    per_call = {}
+    for config in runnable:
+        if config.engine:
+            continue
+        if config.runner != "eager":  # target alone: one token per forward on any backend
+            per_call[config] = 1.0
+            continue
+        with CountCalls(target) as counter:
+            _, tokens, _ = call(config, seed + 30_000)
+        per_prompt = int(common.new_token_counts(tokens, stops).sum()) / config.batch_size
+        per_call[config] = per_prompt / max(counter.calls, 1)
+    return per_call
+
+
+def _target_logliks(runnable, batches, new_tokens, counts, target, temperature):
+    """Fidelity check: the target's log-likelihood per token (mean, standard error) of what
+    each method wrote."""
+    logliks = {}
+    for config in runnable:
+        ids, mask = batches[config.batch_size]
+        values = [common.target_log_likelihood(target, ids, mask, tokens, lengths, temperature)
+                  for tokens, lengths in zip(new_tokens[config], counts[config])]
+        logliks[config] = common.mean_and_stderr(torch.cat(values).tolist())
+    return logliks
+
+
+def _row(config, times, counts, logliks, per_call, outputs, splits) -> dict:
+    """One configuration's row of the table (`COLUMNS`)."""
+    row = {"method": config.method, "runner": config.runner, "batch_size": config.batch_size,
+           "particles": config.particles, "gamma": config.gamma, "available": config.available, "note": "",
+           "name": config.name, "schedule": config.schedule, "auto_threshold": config.auto_threshold}
+    if not config.available:
+        row["note"] = ASSISTED_UNAVAILABLE
+        return row
+    rates = [int(c.sum()) / s for c, s in zip(counts[config], times[config])]
+    row.update(tokens_per_s=common.median(rates), tokens_per_s_repeats=rates,
+               seconds_median=common.median(times[config]), new_tokens=int(counts[config][0].sum()),
+               target_loglik_per_token=logliks[config][0], target_loglik_stderr=logliks[config][1])
+    row["tokens_per_target_call"] = per_call.get(config)
+    if config.engine:
+        row.update(smc_diagnostics(outputs[config], config.particles))
+        row.update(splits.get(config) or {f"ms_per_round_{p}": None for p in common.TIME_PARTS})
+    return row
 
 
 def add_speedups(rows: list[dict]) -> None:
