@@ -11,7 +11,7 @@ Pairs (`--pairs`, comma-separated):
 Per pair and batch size, every method runs `--repeats` times, methods interleaved within a
 repeat so they see the same load; the median tokens per second is reported, with auto's
 ratio to the target alone and to the fastest fixed setting, and auto's rounds (share of
-SMC-SD / exact / plain, mean K). Sampling at temperature 0.7, no EOS (every output has
+SMC-SD / exact / plain, mean K, share of drafted rounds on one chain). Sampling at temperature 0.7, no EOS (every output has
 `--max-new-tokens` tokens).
 
     PYTHONPATH=$PWD python build_scripts/auto_speed.py                       # all pairs, batch 1 and 8
@@ -141,6 +141,8 @@ def main() -> None:
             auto_name = next(n for n in methods if n.startswith("auto"))
             mix = "".join(p["mode"] for p in plans)
             mean_k = sum(p["k"] for p in plans) / max(len(plans), 1)
+            drafted = [p for p in plans if p["k"] > 0]
+            one_chain = sum(p.get("chains") == 1 for p in drafted) / max(len(drafted), 1)
             print(f"\n{pair}, batch {batch}, {args.max_new_tokens} new tokens, median of {args.repeats}:")
             for name in methods:
                 print(f"  {name:<18}{speed[name]:>9.1f} tok/s  {speed[name] / base:5.2f}x target")
@@ -149,7 +151,8 @@ def main() -> None:
             if baseline is not None:
                 against_fixed += f"baseline auto / target alone {speed['auto (baseline)'] / base:.2f}x; "
             print(f"  auto / target alone {speed[auto_name] / base:.2f}x; {against_fixed}auto rounds s/e/p "
-                  + "/".join(f"{mix.count(m) / max(len(mix), 1):.2f}" for m in "sep") + f", mean K {mean_k:.1f}",
+                  + "/".join(f"{mix.count(m) / max(len(mix), 1):.2f}" for m in "sep") + f", mean K {mean_k:.1f}"
+                  + f", drafted rounds on one chain {one_chain:.2f}",
                   flush=True)
 
 

@@ -136,6 +136,10 @@ def tp_mesh(model):
     """The device mesh `model`'s parameters are sharded over (tensor parallel), or None."""
     if not isinstance(model, torch.nn.Module):
         return None
+    # A DTensor lives on a device mesh, which needs the default process group: without one
+    # there is nothing to look for (and no scan over every parameter on each call).
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed

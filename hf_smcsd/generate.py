@@ -75,7 +75,8 @@ class SMCGenerateOutput(GenerateDecoderOnlyOutput):
     `exact_tokens` / `plain_tokens` `[B]`, and `accepted_draft_tokens` (per prompt, the
     drafted tokens each exact round accepted). With `smc_mode="auto"`, `round_plans`: per
     prompt, one dict per round with its `mode` letter, `k` (drafted tokens, 0 for a plain
-    step), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
+    step), `chains` (rows per prompt the round ran on: N, or 1 for plain steps and exact
+    rounds of one draft chain, where the runners can narrow), `bias_bound` (the planner's bound on the total variation an SMC-SD round of that
     K would add: the quality measure compared with `smc_auto_threshold`; None for plain
     steps, NaN before any evidence) and `predicted_tokens_per_s` (the batch's, by the
     measured costs, for the K chosen). Plain steps run in bursts planned once: each step is

@@ -32,13 +32,19 @@ it runs exact. Exact rounds and plain rounds are lossless, so auto's bias is at 
 sum of the bounds of the SMC-SD rounds it ran. 0 never runs SMC-SD (lossless auto).
 
 **Speed: expected tokens per second from measured costs.** Among the choices the bound
-allows (every K from 0 to the user's `smc_gamma`; per group SMC-SD where allowed, exact
-elsewhere), pick the K with the most expected tokens per second for the whole batch:
+allows (every K from 0 to the user's `smc_gamma`; on N chains per group, SMC-SD where
+allowed and exact elsewhere, or, where the loop can narrow its caches, on one exact chain
+per group), pick the one with the most expected tokens per second for the whole batch:
 tokens per round (SMC-SD K + 1, exact `1 + a + ... + a^K` from the acceptance `a` measured
-on the group's exact rounds, plain 1) over the predicted time of the round (`CostModel`:
+on the group's exact rounds of as many chains, plain 1) over the predicted time of the
+round (`CostModel`:
 a draft step, a verify pass linear in the tokens it processes, and the loop's own time per
 round, all measured where the run happens). K = 0 is always a choice, so auto is never much
-slower than the target alone. A run that decodes plainly probes the draft again after
+slower than the target alone. One chain matters where rows cost: N chains accept a
+little more per depth, but verify N times the tokens, which a compute-bound target (a
+CPU, a large batch) pays in full; the bias evidence needs no N rows (it is computed from
+both models' distributions at each drafted position), so probes run on one chain. A run
+that decodes plainly probes the draft again after
 `probe_after` plain rounds (doubling each time the draft still does not pay), so a draft
 that starts paying later is found at a logarithmic cost.
 """
@@ -162,12 +168,19 @@ class LinearCost:
 
     points: dict[int, float] = field(default_factory=dict)
     smoothing: float = 0.5  # weight of a new observation at a token count already seen
+    _fitted: tuple = field(default=((), (0.0, 0.0)), repr=False, compare=False)  # (points, fit): a plan asks ~10 times
 
     def observe(self, tokens: int, seconds: float) -> None:
         old = self.points.get(tokens)
         self.points[tokens] = seconds if old is None else old + self.smoothing * (seconds - old)
 
     def fit(self) -> tuple[float, float]:
+        key = tuple(self.points.items())
+        if key != self._fitted[0]:
+            self._fitted = (key, self._least_squares())
+        return self._fitted[1]
+
+    def _least_squares(self) -> tuple[float, float]:
         if not self.points:
             return 0.0, 0.0
         xs, ys = list(self.points), list(self.points.values())
@@ -221,8 +234,10 @@ class Plan:
     exact: torch.Tensor  # [G] bool: exact groups (SMC-SD elsewhere); all False when k == 0
     bias: torch.Tensor  # [G] the bound of an SMC-SD round at this K (NaN: no evidence)
     tokens_per_s: torch.Tensor  # 0-dim float64: predicted, whole batch
-    tokens_per_s_by_k: torch.Tensor  # [choices] predicted for every K allowed, smallest K first
+    tokens_per_s_by_k: torch.Tensor  # [choices] predicted for every choice (`ks`, `chains_by_choice`)
     ks: tuple[int, ...] = ()  # the K of each entry of `tokens_per_s_by_k`
+    chains: torch.Tensor | None = None  # 0-dim long: rows per group the round runs (1: one exact chain)
+    chains_by_choice: tuple[int, ...] = ()  # the chains of each entry of `tokens_per_s_by_k`
 
 
 def plan_round(
@@ -236,15 +251,23 @@ def plan_round(
     allow_smc: bool = True,
     live: torch.Tensor | None = None,
     plain_rows: int | None = None,
+    single_accept: torch.Tensor | None = None,
+    particles: int = 0,
 ) -> Plan:
     """The round's shape (module docstring). `rate` `[G]`: per-token bias evidence; `accept`
-    `[G]`: per-depth exact acceptance; `rows`: live rows; `gamma`: the largest K;
-    `allow_plain=False` forces a draft (a probe); `allow_smc=False` (greedy) keeps every
-    drafting group exact; `live` `[G]`: groups whose tokens count (those ending now do not);
-    `plain_rows`: the rows a plain round runs (one per group where the loop can narrow).
-    Costs not measured yet count as equal for every K (no preference from speed), so the
-    first rounds draft at the user's K. No host synchronisation: the expected tokens stay on
-    the device, the predicted seconds (host numbers of the cost model) go to it."""
+    `[G]`: per-depth exact acceptance of N chains; `rows`: the rows of an N-chain round;
+    `gamma`: the largest K; `allow_plain=False` forces a draft (a probe); `allow_smc=False`
+    (greedy) keeps every drafting group exact; `live` `[G]`: groups whose tokens count (those
+    ending now do not); `plain_rows`: the rows a plain round runs (one per group where the
+    loop can narrow). Where the loop can narrow (`single_accept` `[G]`, the per-depth
+    acceptance of one chain, and `particles` N > 1 given), every K is also a choice as one
+    exact chain per group over `plain_rows` rows: lossless, and at a large batch or on a
+    compute-bound target often faster than N chains. Costs not measured yet count as
+    equal for every choice (no preference from speed), so the first rounds draft at the
+    user's K. The choices are plain, N chains at K = 1 .. gamma, then one chain at K = 1 ..
+    gamma; ties go to the last of them. No host synchronisation: the
+    expected tokens stay on the device, the predicted seconds (host numbers of the cost
+    model) go to it."""
     ks = list(range(0 if allow_plain else 1, gamma + 1))
     weight = torch.ones_like(rate) if live is None else live.to(rate.dtype)
     # Every K at once, `[choices, G]` (a handful of tensor operations: this runs every round).
@@ -261,8 +284,21 @@ def plan_round(
     tokens = (per_group * weight).sum(dim=-1).double()
     exact_by_k = ~smc & (k_column > 0)
     bias_by_k = torch.where(k_column > 0, bias, float("nan"))
+    plain_rows = rows if plain_rows is None else plain_rows
+    choice_rows = [plain_rows if k == 0 else rows for k in ks]
+    chains = [1 if k == 0 and plain_rows < rows else particles or 1 for k in ks]
+    single = single_accept is not None and particles > 1 and plain_rows < rows
+    if single:  # one exact chain per group: K = 1 .. gamma after the N-chain choices
+        single_ks = list(range(1, gamma + 1))
+        single_powers = single_accept.unsqueeze(-1) ** depth
+        single_tokens = torch.where(depth <= k_column[-gamma:].unsqueeze(-1), single_powers.unsqueeze(0), 0.0).sum(dim=-1)
+        tokens = torch.cat([tokens, (single_tokens * weight).sum(dim=-1).double()])
+        exact_by_k = torch.cat([exact_by_k, torch.ones_like(exact_by_k[-gamma:])])
+        bias_by_k = torch.cat([bias_by_k, bias_by_k[-gamma:]])
+        k_values = torch.cat([k_values, k_values[-gamma:]])
+        ks, choice_rows, chains = ks + single_ks, choice_rows + [plain_rows] * gamma, chains + [1] * gamma
     if costs.verify.known and costs.draft_step.known:
-        seconds = [max(costs.round_seconds(rows if k or plain_rows is None else plain_rows, k), 1e-9) for k in ks]
+        seconds = [max(costs.round_seconds(r, k), 1e-9) for r, k in zip(choice_rows, ks)]
     else:
         seconds = [1.0 for _ in ks]
         if allow_plain:  # nothing measured: draft at the user's K (the first round measures it)
@@ -273,8 +309,10 @@ def plan_round(
     best = (len(ks) - 1 - torch.argmax(speed.flip(0))).view(1)
     pick = lambda values: values.index_select(0, best)[0]  # noqa: E731  (no host read)
     k = k_values.index_select(0, best)[0]
+    chains_on_device = torch.tensor(chains, dtype=torch.long).to(rate.device, non_blocking=True)
     return Plan(k=k, exact=pick(exact_by_k), bias=pick(bias_by_k), tokens_per_s=speed.index_select(0, best)[0],
-                tokens_per_s_by_k=speed, ks=tuple(ks))
+                tokens_per_s_by_k=speed, ks=tuple(ks), chains=chains_on_device.index_select(0, best)[0],
+                chains_by_choice=tuple(chains))
 
 
 def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int) -> bool:

@@ -238,13 +238,18 @@ class Population:
     Per prompt (group) `[B]`: `clock` (tokens generated), `log_z`, `rounds_run`, `identical`
     (all its particles hold the same tokens), `force_exact` (the next round redoes a dead
     SMC-SD round). The live map: `rows` (live row -> full row) and
-    `groups` (live group -> prompt). Per live row: `last_token` (x_last, which the target
-    has not seen) and `draft_pending` (the tokens the draft has not seen: [x0], then 2
-    wide, 1 after a first-round redo, one more after each plain round; one width for all
-    rows). `stats` keeps the diagnostics, `stream` the settled tokens' consumer. For auto:
-    `auto` (the planner's evidence and costs, `_AutoState`), and `narrow` while both caches
-    hold one row per group (plain rounds of identical groups; `can_narrow` where both
-    runners can give the rows back, `Runner.expand`).
+    `groups` (live group -> prompt), `width` live rows per live group. Per live row:
+    `last_token` (x_last, which the target has not seen) and `draft_pending` (the tokens
+    the draft has not seen: [x0], then 2 wide, 1 after a first-round redo, one more after
+    each plain round; one width for all rows). `stats` keeps the diagnostics, `stream` the
+    settled tokens' consumer. For auto: `auto` (the planner's evidence and costs,
+    `_AutoState`).
+
+    `width` is N, or 1 while auto runs *narrow*: every live group identical (plain rounds,
+    exact rounds of one chain), both caches and the live map hold each group's first
+    particle only, and the full arrays' other rows of the live groups are stale until
+    `widen_rows` (or the group's end, `drop_groups`, or the final pick) copies the first
+    row into them. `can_narrow` where both runners can give rows back (`Runner.expand`).
     """
 
     def __init__(self, target: Runner, draft: Runner, prompts: torch.Tensor, settings: SMCSettings, stream=None):
@@ -281,7 +286,15 @@ class Population:
         self.stream, self.streamed = stream, 0
         self.auto: _AutoState | None = None
         self.can_narrow = settings.mode == "auto" and self.n > 1 and all(hasattr(r, "expand") for r in (target, draft))
-        self.narrow = False
+        self.width = self.n
+        # Auto prefills the draft when it first drafts (`prefill_draft`): a run that never
+        # drafts, or drafts late, does not pay for the draft's prompt up front.
+        self.draft_ready = settings.mode != "auto"
+        self.attention_mask: torch.Tensor | None = None  # the prompts' (set by `start`)
+
+    @property
+    def narrow(self) -> bool:
+        return self.width < self.n
 
     def note_distribution(self, model: int, log_probs: torch.Tensor) -> None:
         """Record whether `log_probs` of `model` (TARGET or DRAFT) hold a NaN (no sync)."""
@@ -301,9 +314,11 @@ class Population:
         """Rows of the `ended` live groups leave both caches and the live map; returns the
         kept groups' indices in the old live numbering."""
         keep_groups = (~ended).nonzero().squeeze(1)
-        keep = _group_rows(keep_groups, self.n)
-        for runner in (self.target, self.draft):
-            runner.keep(keep_groups if self.narrow else keep)  # narrow: one row per group
+        keep = _group_rows(keep_groups, self.width)
+        if self.narrow:  # the ended groups' stale rows take their first particle's tokens
+            self.fill_stale_rows(self.rows[ended])
+        for runner in self.runners:
+            runner.keep(keep)
         self.rows, self.groups = self.rows[keep], self.groups[keep_groups]
         self.last_token, self.draft_pending = self.last_token[keep], self.draft_pending[keep]
         return keep_groups
@@ -311,7 +326,7 @@ class Population:
     def copy_rows(self, plan: CopyPlan) -> None:
         """Apply row copies (live rows) to both caches and every particle's tokens, length,
         finished flag and pending tokens (not the weights: the callers reset them)."""
-        for runner in (self.target, self.draft):
+        for runner in self.runners:
             runner.reorder(plan)
         full = plan.offset(self.rows)  # in full-array coordinates
         for state in (self.tokens, self.lengths, self.finished):
@@ -328,23 +343,56 @@ class Population:
             self.tokens = torch.cat([self.tokens, extra], dim=1)
 
     def narrow_rows(self) -> None:
-        """Both caches keep one row per live group (every group identical): plain rounds."""
+        """Both caches and the live map keep one row per live group (every group identical:
+        plain rounds, one-chain exact rounds); the other rows go stale (class docstring)."""
         first = torch.arange(self.num_live_groups, device=self.rows.device) * self.n
-        for runner in (self.target, self.draft):
+        for runner in self.runners:
             runner.keep(first)
-        self.narrow = True
+        self.rows, self.last_token, self.draft_pending = self.rows[first], self.last_token[first], self.draft_pending[first]
+        self.width = 1
 
     def widen_rows(self) -> None:
-        """Drafting resumes after narrow plain rounds: the draft catches up on the tokens it
-        missed (one row per group, one pass), then every group gets its N rows back."""
-        if self.draft_pending.shape[1] > 1:
+        """Every live group gets its N rows back (an N-chain round follows narrow ones): the
+        stale rows take the first particle's tokens, both caches copy each row N times."""
+        self.fill_stale_rows(self.rows)
+        for runner in self.runners:
+            runner.expand(self.n)
+        self.rows = _group_rows(self.rows // self.n, self.n)
+        self.last_token = self.last_token.repeat_interleave(self.n)
+        self.draft_pending = self.draft_pending.repeat_interleave(self.n, dim=0)
+        self.width = self.n
+
+    def fill_stale_rows(self, first: torch.Tensor) -> None:
+        """The full arrays' other rows of the groups whose first particles are `first` (full
+        rows) become copies of it (narrow rounds wrote the first rows only)."""
+        if self.n == 1 or first.numel() == 0:
+            return
+        others = (first.unsqueeze(1) + torch.arange(1, self.n, device=first.device)).flatten()
+        source = first.repeat_interleave(self.n - 1)
+        for state in (self.tokens, self.lengths, self.finished, self.log_weights):
+            state[others] = state[source]
+
+    @property
+    def runners(self) -> tuple[Runner, ...]:
+        """The runners whose caches hold the live rows (the draft's once prefilled)."""
+        return (self.target, self.draft) if self.draft_ready else (self.target,)
+
+    def prefill_draft(self) -> None:
+        """The draft's prompt cache for the live groups, `width` rows each (auto defers it to
+        the first drafted round: `draft_pending` holds every token since the prompt)."""
+        if not self.draft_ready:
+            self.draft.prefill(self.prompts[self.groups], self.attention_mask[self.groups], self.width)
+            self.draft_ready = True
+
+    def catch_up_draft(self) -> None:
+        """Drafting resumes after plain rounds: the draft sees the tokens it missed in one
+        pass (all pending tokens but the last, which the round's first draft step feeds)."""
+        self.prefill_draft()
+        if self.draft_pending.shape[1] > 2:  # (a round's first draft step feeds up to two)
             self.auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
-            self.draft.extend(self.draft_pending[:: self.n, :-1])
+            self.draft.extend(self.draft_pending[:, :-1])
             self.auto.clock.stop("catch-up")
             self.draft_pending = self.draft_pending[:, -1:]
-        for runner in (self.target, self.draft):
-            runner.expand(self.n)
-        self.narrow = False
 
     # Rounds in and out.
 
@@ -372,14 +420,14 @@ class Population:
         """Discard the round just run for the `dead` live groups: both caches drop what the
         round fed, tokens, clocks, weights, lengths, flags and pending tokens return to
         `saved`, and the round is uncounted."""
-        n, groups = self.n, self.groups
-        dead_rows = dead.repeat_interleave(n)
+        n, per_group, groups = self.n, self.width, self.groups
+        dead_rows = dead.repeat_interleave(per_group)
         full = self.rows[dead_rows]
         self.target.rollback(torch.where(dead_rows, target_fed, 0))
         self.draft.rollback(torch.where(dead_rows, draft_fed, 0))
         self.draft_pending = _restore_pending(self.draft, dead_rows, saved.draft_pending, self.draft_pending)
         position = torch.arange(width, device=advance.device)
-        columns = self.clock[full // n].unsqueeze(1) - advance.repeat_interleave(n)[dead_rows].unsqueeze(1) + position
+        columns = self.clock[full // n].unsqueeze(1) - advance.repeat_interleave(per_group)[dead_rows].unsqueeze(1) + position
         self.tokens[full.unsqueeze(1), columns] = self.pad
         self.clock[groups[dead]] -= advance[dead]
         self.log_weights[full] = saved.log_weights[dead_rows]
@@ -432,8 +480,8 @@ class Population:
 
     def group_distribution(self, fn: LogProbsFn, logits: torch.Tensor) -> torch.Tensor:
         """`fn` at the first row of each live group only (`logits` `[groups, w, V]`, nothing
-        new beyond each row's tokens so far): narrow plain rounds."""
-        first = torch.arange(self.num_live_groups, device=logits.device) * self.n
+        new beyond each row's tokens so far): plain rounds."""
+        first = torch.arange(self.num_live_groups, device=logits.device) * self.width
 
         def compute(index):
             rows = first if index is None else first[index]
@@ -447,7 +495,8 @@ class Population:
         """Hand the stream the new tokens every particle now shares (resampling and the final
         pick can no longer change them)."""
         if self.stream is not None:
-            shared = _shared_prefix(self.tokens[:, : self.budget], self.lengths)
+            rows = self.rows if self.narrow and self.rows.numel() else slice(None)  # narrow: the live particle
+            shared = _shared_prefix(self.tokens[rows, : self.budget], self.lengths[rows])
             if shared > self.streamed:
                 self.stream(self.tokens[0, self.streamed : shared])
                 self.streamed = shared
@@ -490,7 +539,7 @@ class Rules:
         its first row, within its clock) completes a stop (plain rounds)."""
         is_stop = torch.isin(tokens, self.stop_ids)
         if self.stop_fn is not None:
-            first = torch.arange(population.num_live_groups, device=tokens.device) * population.n
+            first = torch.arange(population.num_live_groups, device=tokens.device) * population.width
             is_stop |= population.by_clock(
                 True, lambda index: self.stop_fn(population.history(first if index is None else first[index], []), 1)[:, 0],
                 population.clock[population.groups],
@@ -519,6 +568,7 @@ class RoundShape:
     num_diverse: int = 0  # live groups whose particles differ
     least: int = 0  # fewest tokens any live group has left
     k: int = 0  # draft tokens per row this round (0: a plain round, auto only)
+    chains: int = 0  # auto: rows per group the round drafts on (1 or N); 0: as the population runs
     with_bonus: bool = True  # whether a bonus token follows the k drafts
     invalid: list = field(default_factory=list)  # host copy of `Population.invalid`
 
@@ -530,7 +580,7 @@ class RoundShape:
         some budget can keep, and skip the bonus where no budget reaches it."""
         self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, gamma_now, *rest = summary
         if self.plan is not None:
-            k = rest.pop(0)  # auto: the planner's K
+            k, self.chains = rest.pop(0), rest.pop(0)  # auto: the planner's K and chains
         else:
             k = gamma_now if num_exact == self.done.shape[0] - self.num_done else gamma
         self.invalid = rest
@@ -546,8 +596,8 @@ class RoundShape:
             self.plan = dataclasses.replace(self.plan, bias=self.plan.bias[keep_groups])
         return self
 
-    def exact_rows(self, n: int) -> torch.Tensor:
-        return self.exact.repeat_interleave(n)
+    def exact_rows(self, width: int) -> torch.Tensor:
+        return self.exact.repeat_interleave(width)
 
 
 @dataclass
@@ -632,11 +682,11 @@ def smc_sample(
             break
         if shape.num_done:
             shape = shape.only(population.drop_groups(shape.done))
-        if population.narrow and shape.k > 0:
-            population.widen_rows()
         if shape.num_collapse:  # SMC-SD -> exact (or plain): one particle drawn by weight becomes the whole group
             collapse_groups(population, shape.collapse)
             continue  # the chosen particle may have finished: re-check which groups end
+        if auto is not None:
+            arrange_rows(population, shape)
         if shape.k == 0:  # auto's plain rounds: target sampling steps, no draft pass, until a probe is due
             steps = auto.burst_length(shape.least)
             population.grow_token_buffer(shape.least, max(settings.max_gamma, steps))
@@ -646,11 +696,6 @@ def smc_sample(
         population.grow_token_buffer(shape.least, settings.max_gamma)
         if auto is not None:
             auto.drafting(shape.k)
-        if population.draft_pending.shape[1] > 2:  # drafting resumes after auto's plain rounds on N rows
-            auto.clock.start("catch-up")  # model time, not the loop's own (_AutoState.observe_last_round)
-            population.draft.extend(population.draft_pending[:, :-1])  # the draft catches up in one pass
-            auto.clock.stop("catch-up")
-            population.draft_pending = population.draft_pending[:, -1:]
         saved = population.save()
 
         drafts = draft_block(population, rules, shape)
@@ -714,8 +759,10 @@ class _AutoState:
         self.rate = nan.clone()  # per-token SIR bias bound (planner.update_rate)
         self.single_acceptance = nan.clone()  # running mean of 1 - TV(p_t, q_t) at drafted positions
         self.positions = torch.zeros(batch, dtype=torch.float64, device=device)  # drafted positions measured, per chain
-        self.accepted = torch.zeros(batch, dtype=torch.float64, device=device)  # drafts accepted by exact walks
-        self.rejected = torch.zeros(batch, dtype=torch.float64, device=device)  # exact walks that ended on a rejection
+        # Per chain count (row 0: one chain, row 1: N chains): drafts accepted by exact walks,
+        # and exact walks that ended on a rejection (N chains accept at least as often as one).
+        self.accepted = torch.zeros(2, batch, dtype=torch.float64, device=device)
+        self.rejected = torch.zeros(2, batch, dtype=torch.float64, device=device)
         self.clock = PhaseClock(device)
         self.probes = planner.ProbeSchedule(wait=planner.FIRST_PROBE, factor=planner.PROBE_FACTOR)
         self.last_round: tuple[int, int, int, int] | None = None  # (rows, K, verify width, rounds) just run
@@ -729,6 +776,7 @@ class _AutoState:
         key = None if None in keys else keys + (x0.shape[0], self.gamma)
         self.costs = _COST_CACHE.get(key) if key is not None else None
         if self.costs is None:
+            population.prefill_draft()
             self.costs = self._calibrate(target, draft, x0)
             if key is not None:
                 if len(_COST_CACHE) >= _COST_CACHE_SIZE:
@@ -757,21 +805,25 @@ class _AutoState:
         """The planner's choice for the live groups (`group_done`: those ending now), on the
         device: the loop reads its K with the round's first host synchronisation."""
         p = self.population
-        groups, rows = p.groups, p.rows.shape[0]
-        plain_rows = groups.shape[0] if p.can_narrow else rows
+        groups = p.groups
+        rows = groups.shape[0] * self.n  # an N-chain round's
+        plain_rows = groups.shape[0] if p.can_narrow else rows  # a plain or one-chain round's
         known = self.costs.verify.known
-        self.probe_seconds = self.costs.round_seconds(rows, self.gamma) if known else 0.0
+        self.probe_seconds = self.costs.round_seconds(plain_rows, self.gamma) if known else 0.0  # one chain where it can
         self.plain_seconds = self.costs.round_seconds(plain_rows, 0) if known else 0.0
-        if self.probes.first and not planner.drafting_can_pay(self.costs, rows, plain_rows, self.gamma):
+        if self.probes.first and not planner.drafting_can_pay(self.costs, plain_rows, plain_rows, self.gamma):
             # No acceptance could pay by the (cached) costs: no first probe; the schedule
             # still probes later, so costs measured wrongly (a loaded machine) get measured again.
             self.probes.first = False
         self.probing = self.probes.must_draft(self.probe_seconds)
-        accept = planner.acceptance(self.accepted[groups], self.rejected[groups], self.single_acceptance[groups])
+        single = self.single_acceptance[groups]
+        accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single)
+        accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single)
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
                                   allow_plain=not self.probing, allow_smc=not self.greedy, live=~group_done,
-                                  plain_rows=plain_rows)
+                                  plain_rows=plain_rows, single_accept=accept_one if p.can_narrow else None,
+                                  particles=self.n)
 
     def drafting(self, k: int) -> None:
         """The planned round drafts `k` tokens (it runs: no collapse came first)."""
@@ -791,16 +843,20 @@ class _AutoState:
         self.clock.stop("round")
         self.last_round = (rows, 0, 1, steps)
 
-    def observe_positions(self, groups, target_lp, draft_lp, counted) -> None:
+    def observe_positions(self, groups, target_lp, draft_lp, counted, width: int) -> None:
+        """Evidence of a round's drafted positions, `width` rows per group (N, or one chain).
+        The bias bound is SMC-SD's at N particles however many chains drafted: it needs only
+        both models' distributions at each position."""
         bias, tv = planner.position_measures(target_lp, draft_lp, self.n)
-        self.rate[groups] = planner.update_rate(self.rate[groups], planner.group_means(bias, counted, self.n))
-        self.positions[groups] += counted.view(-1, self.n * counted.shape[1]).sum(dim=1) / self.n
-        observed = 1.0 - planner.group_means(tv, counted, self.n)
+        self.rate[groups] = planner.update_rate(self.rate[groups], planner.group_means(bias, counted, width))
+        self.positions[groups] += counted.view(-1, width * counted.shape[1]).sum(dim=1) / width
+        observed = 1.0 - planner.group_means(tv, counted, width)
         self.single_acceptance[groups] = planner.update_mean(self.single_acceptance[groups], observed)
 
-    def observe_walk(self, groups, accepted, tried) -> None:
-        self.accepted[groups] += accepted.double()
-        self.rejected[groups] += (accepted < tried).double()
+    def observe_walk(self, groups, accepted, tried, chains: int) -> None:
+        which = 1 if chains == self.n else 0
+        self.accepted[which, groups] += accepted.double()
+        self.rejected[which, groups] += (accepted < tried).double()
 
     def round_done(self, rows: int, k: int, verify_width: int) -> None:
         self.clock.stop("round")
@@ -827,16 +883,22 @@ class _AutoState:
 
 def start(population: Population, rules: Rules, attention_mask: torch.Tensor | None) -> None:
     """Start: prefill once per model, expand to N rows, sample x0 from the target (one x0
-    per group where the group starts exact). Sets every particle's first token, `log_z`,
-    `finished`, the clocks, `identical`, `last_token`, `draft_pending` and `stats`."""
-    p, settings, n = population, rules.settings, population.n
+    per group where the group starts exact). Auto, where it can, starts narrow (one row per
+    group: its first round is exact, so x0 is shared). Sets every particle's first token,
+    `log_z`, `finished`, the clocks, `identical`, `last_token`, `draft_pending` and `stats`."""
+    p, settings = population, rules.settings
     prompts, batch = p.prompts, p.batch
     if attention_mask is None:
         attention_mask = torch.ones_like(prompts)
     exact_first = policy.exact_rounds(settings.mode, p.rounds_run, settings.schedule)
     exact_first |= settings.greedy
+    if p.can_narrow:  # (auto: every group's first round is exact)
+        p.width, p.rows = 1, p.rows[:: p.n]
+    n = p.width
+    p.attention_mask = attention_mask
     first_logits = p.target.prefill(prompts, attention_mask, n).unsqueeze(1)
-    p.draft.prefill(prompts, attention_mask, n)
+    if p.draft_ready:  # (auto: at its first drafted round)
+        p.draft.prefill(prompts, attention_mask, n)
     first_lp = p.distribution(rules.target_log_probs, first_logits.repeat_interleave(n, dim=0), [])[:, 0]
     p.note_distribution(TARGET, first_lp)
     if settings.greedy:
@@ -847,14 +909,32 @@ def start(population: Population, rules: Rules, attention_mask: torch.Tensor | N
     x0 = torch.where(exact_first.repeat_interleave(n), shared_x0, x0)  # ... except where the group starts exact
     p.identical = exact_first.clone()
     p.log_z += first_log_z.view(batch, n)[:, 0].to(WEIGHT_DTYPE)  # p^alpha / Z sampled: Z is the group's
-    p.finished |= rules.stops(p, x0.unsqueeze(1))[:, 0]
-    p.tokens[:, 0] = x0
+    p.finished[p.rows] |= rules.stops(p, x0.unsqueeze(1))[:, 0]
+    p.tokens[p.rows, 0] = x0
+    if p.narrow:
+        p.fill_stale_rows(p.rows)
     p.lengths[:] = 1
     p.clock[:] = 1
     p.stats = _Stats(batch, exact_first)
     p.stream_settled()
     p.last_token = x0  # x_last: the target has not seen it yet
     p.draft_pending = x0.unsqueeze(1)
+
+
+def arrange_rows(population: Population, shape: RoundShape) -> None:
+    """Auto: the rows the planned round runs on. Plain and one-chain rounds run narrow (one
+    row per group, where both runners can give rows back; every live group is identical:
+    the shape collapsed the others), N-chain rounds on N rows per group. A drafted round
+    first lets the draft catch up on the tokens plain rounds gave it, on as few rows as
+    the caches hold."""
+    p = population
+    narrow = p.can_narrow and (shape.k == 0 or shape.chains == 1)
+    if narrow and not p.narrow:
+        p.narrow_rows()
+    if shape.k > 0:
+        p.catch_up_draft()
+    if p.narrow and not narrow:
+        p.widen_rows()
 
 
 def choose_round_shape(population: Population, settings: SMCSettings) -> RoundShape:
@@ -866,9 +946,9 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     plain round, collapses every diverse group (its weights would not change: drawing its
     particle now loses nothing). The loop reads `summary` on the host and
     `RoundShape.settle` fixes K. Changes nothing."""
-    p, n, budget = population, population.n, population.budget
+    p, budget = population, population.budget
     groups = p.groups
-    done = p.finished[p.rows].view(-1, n).all(dim=1) | (p.clock[groups] >= budget)
+    done = p.finished[p.rows].view(-1, p.width).all(dim=1) | (p.clock[groups] >= budget)
     plan = None
     if p.auto is not None:
         plan = p.auto.plan(done)
@@ -884,7 +964,7 @@ def choose_round_shape(population: Population, settings: SMCSettings) -> RoundSh
     counts = [done.sum(), collapse.sum(), (exact & ~done).sum(), left.max(), torch.where(done, budget, remaining).min(),
               (~p.identical[groups] & ~done).sum(), p.gamma_now.long()]
     if plan is not None:
-        counts.append(plan.k)
+        counts += [plan.k, plan.chains]
     summary = torch.cat([torch.stack(counts), p.invalid.long()])
     return RoundShape(done, exact, collapse, remaining, summary, plan)
 
@@ -894,7 +974,7 @@ def collapse_groups(population: Population, collapse: torch.Tensor) -> None:
     weights (as the final pick draws) is copied into every row (both caches, every array);
     `log_z` takes the group's mean weight, as a resample would; the weights restart at 0;
     the group becomes `identical`."""
-    p, n = population, population.n
+    p, n = population, population.width  # (N: a diverse group never runs narrow)
     chosen_groups = collapse.nonzero().squeeze(1)
     group_lw = p.log_weights[p.rows].view(-1, n)[chosen_groups]
     p.log_z[p.groups[chosen_groups]] += log_mean_weight(group_lw)
@@ -910,9 +990,9 @@ def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: 
     pass (lossless), in a tight loop like transformers' own sampling loop: per step one
     target forward, the processors, one draw, the stop check. Every live group is identical
     (the shape collapsed the others) and none of its rows has finished (it would be done),
-    so one row per group is drawn for; where both runners can give rows back, the caches
-    first narrow to one row per group and stay so until drafting resumes
-    (`Population.widen_rows`). The burst ends early after a step where some group stops
+    so one row per group is drawn for; where both runners can give rows back, the loop
+    first narrowed the caches to one row per group (`Population.narrow_rows`), until an
+    N-chain round follows (`Population.widen_rows`). The burst ends early after a step where some group stops
     (read on the host each step, as transformers does, only when a stop is possible).
     The loop's own work is paid once per burst: the tokens go to each group's first row
     as they are drawn (processors and stops read them there) and to the others at the end,
@@ -920,9 +1000,7 @@ def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: 
     tokens (`tokens`, `lengths`, `finished`, `clock`), counts the rounds (`rounds_run`,
     `stats`), sets `last_token`; the draft sees the new tokens when drafting resumes
     (`draft_pending` grows by them); weights do not change (alpha = 1 in auto)."""
-    p, n, auto, settings = population, population.n, population.auto, rules.settings
-    if p.can_narrow and not p.narrow and shape.num_diverse == 0:
-        p.narrow_rows()
+    p, n, auto, settings = population, population.width, population.auto, rules.settings
     groups, live, device = p.groups, p.num_live_groups, p.rows.device
     first = p.rows[::n]  # each group's first particle (full rows)
     start_clock = p.clock[groups].clone()
@@ -933,9 +1011,9 @@ def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: 
         p.stream_settled()  # a collapse may have settled tokens; the burst streams its own as drawn
     for step in range(steps):
         auto.clock.start("verify")
-        logits = p.target.extend((token if p.narrow else token.repeat_interleave(n)).unsqueeze(1))
+        logits = p.target.extend((token if n == 1 else token.repeat_interleave(n)).unsqueeze(1))
         auto.clock.stop("verify")
-        lp = p.group_distribution(rules.target_log_probs, logits if p.narrow else logits[::n])[:, 0]
+        lp = p.group_distribution(rules.target_log_probs, logits if n == 1 else logits[::n])[:, 0]
         p.note_distribution(TARGET, lp)
         if settings.greedy:
             lp = verify.one_hot(lp).log()
@@ -960,11 +1038,11 @@ def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: 
                     0.0, torch.full((live,), ran, device=device))
     p.rounds_run[groups] += ran
     p.stats.round(groups, torch.zeros_like(shape.exact), torch.ones(live, dtype=torch.long, device=device), None,
-                  plain=True, plan=(0, shape.plan.bias, shape.plan.tokens_per_s), rounds=ran)
-    p.stats.ess.append((groups.repeat(ran), effective_sample_size(p.log_weights[p.rows].view(-1, n)).repeat(ran)))
+                  plain=True, plan=(0, shape.plan.bias, shape.plan.tokens_per_s, n), rounds=ran)
+    p.stats.ess.append((groups.repeat(ran), (effective_sample_size(p.log_weights[p.rows].view(-1, n)) * (p.n / n)).repeat(ran)))
     p.last_token = new[:, -1]
     p.draft_pending = torch.cat([p.draft_pending, new], dim=1)
-    auto.plain_done(live if p.narrow else rows, ran)
+    auto.plain_done(rows, ran)
 
 
 def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Drafts:
@@ -972,7 +1050,7 @@ def draft_block(population: Population, rules: Rules, shape: RoundShape) -> Draf
     for exact groups, q itself: `[exact rows, k, V]`, kept only until the walk). Feeds the
     draft cache its pending tokens and k - 1 drafts."""
     p, k = population, shape.k
-    exact_rows = shape.exact_rows(p.n)
+    exact_rows = shape.exact_rows(p.width)
     drafted, draft_lq, draft_probs, dists = [], [], [], []
     if p.auto is not None:
         p.auto.clock.start("draft")
@@ -1001,7 +1079,7 @@ def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts
     """Verify: one target forward over [x_last, d_1 .. d_k] (d_k only if a bonus follows),
     giving the processed target log-probs at every fed position. Feeds the target cache;
     for auto, records the evidence of the round's drafted positions (`_AutoState`)."""
-    p, n, k = population, population.n, shape.k
+    p, k = population, shape.k
     fed = drafts.tokens if shape.with_bonus else drafts.tokens[:, : k - 1]
     if p.auto is not None:
         p.auto.clock.start("verify")
@@ -1012,10 +1090,10 @@ def verify_block(population: Population, rules: Rules, shape: RoundShape, drafts
     p.note_distribution(TARGET, target_lp)
     log_p = gather(target_lp[:, :k], drafts.tokens)
     if p.auto is not None:  # evidence for later rounds: divergences at every drafted position
-        row_remaining = shape.remaining.repeat_interleave(n)
+        row_remaining = shape.remaining.repeat_interleave(p.width)
         active = ~p.finished[p.rows]
         counted = active.unsqueeze(1) & (torch.arange(k, device=log_p.device) < row_remaining.unsqueeze(1))
-        p.auto.observe_positions(p.groups, target_lp[:, :k], drafts.log_dists, counted)
+        p.auto.observe_positions(p.groups, target_lp[:, :k], drafts.log_dists, counted, p.width)
     return Verified(target_lp, log_p, fed.shape[1] + 1)
 
 
@@ -1029,16 +1107,17 @@ def smc_operator(population: Population, shape: RoundShape, drafts: Drafts, veri
         new_tokens = torch.cat([drafts.tokens, bonus.unsqueeze(1)], dim=1)
     else:
         new_tokens, bonus_log_z = drafts.tokens.clone(), None  # exact groups overwrite their rows
-    valid = shape.remaining.repeat_interleave(population.n).clamp(max=new_tokens.shape[1])
+    valid = shape.remaining.repeat_interleave(population.width).clamp(max=new_tokens.shape[1])
     return Block(new_tokens, valid, bonus_log_z)
 
 
 def exact_operator(population: Population, shape: RoundShape, drafts: Drafts, verified: Verified,
                    block: Block, settings: SMCSettings) -> None:
     """Exact operator: the accept walk of every exact group (verify.accept_walk); every row
-    of such a group takes the walk's committed tokens. Changes `block` (those rows, and its
-    `walk`), nothing in the population."""
-    n, k = population.n, shape.k
+    of such a group takes the walk's committed tokens. Each group's rows are its chains (N, or
+    one where auto runs narrow). Changes `block` (those rows, and its `walk`), nothing in the
+    population."""
+    n, k = population.width, shape.k
     exact_groups = shape.exact.nonzero().squeeze(1)
     num_groups = exact_groups.shape[0]
     rows = _group_rows(exact_groups, n)
@@ -1064,7 +1143,7 @@ def exact_operator(population: Population, shape: RoundShape, drafts: Drafts, ve
                                                          settings.max_gamma)
     if population.auto is not None:
         population.auto.observe_walk(population.groups[exact_groups], walk.num_accepted,
-                                     shape.remaining[exact_groups].clamp(max=k))
+                                     shape.remaining[exact_groups].clamp(max=k), n)
 
 
 def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, drafts: Drafts,
@@ -1073,7 +1152,7 @@ def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, dr
     budget); SMC-SD rows add the log weight of what they keep. Commits the tokens
     (`tokens`, `lengths`, `finished`, `log_weights`, `clock`), counts the round
     (`identical`, `rounds_run`, `force_exact`, `stats`). Returns each live group's advance."""
-    p, n, k, alpha = population, population.n, shape.k, float(rules.settings.alpha)
+    p, n, k, alpha = population, population.width, shape.k, float(rules.settings.alpha)
     width = block.tokens.shape[1]
     position = torch.arange(width, device=block.tokens.device)
     active = ~p.finished[p.rows]
@@ -1088,7 +1167,7 @@ def finish_and_weigh(population: Population, rules: Rules, shape: RoundShape, dr
     advance = block.valid.view(p.num_live_groups, n)[:, 0]
     increment = torch.where(shape.exact_rows(n), 0.0, increment)
     p.commit_tokens(block.tokens, keep_mask, kept, stopped, active, increment, advance)
-    plan = None if shape.plan is None else (k, shape.plan.bias, shape.plan.tokens_per_s)
+    plan = None if shape.plan is None else (k, shape.plan.bias, shape.plan.tokens_per_s, n)
     p.stats.round(p.groups, shape.exact, advance, block.walk.num_accepted if shape.any_exact else None, plan=plan)
     p.identical[p.groups] = shape.exact
     p.rounds_run[p.groups] += 1
@@ -1114,11 +1193,12 @@ def check_populations(population: Population, shape: RoundShape, settings: SMCSe
     """Per live group, on the device: whether its SMC-SD round left it no weight (`dead`),
     and whether it needs resampling (ESS below tau * N, not after its last round); also its
     log weights `[groups, N]`. Records the ESS in `stats`."""
-    p, n = population, population.n
+    p, n = population, population.width
     group_lw = p.log_weights[p.rows].view(-1, n)
     dead = torch.isneginf(group_lw).all(dim=1) & ~shape.exact
     ess = effective_sample_size(group_lw)
-    p.stats.ess.append((p.groups, ess))
+    # Narrow (one row per identical group, weights 0): the ESS of its N particles is N.
+    p.stats.ess.append((p.groups, ess * (population.n / n)))
     all_finished = p.finished[p.rows].view(-1, n).all(dim=1)
     spent = p.clock[p.groups] >= p.budget  # resampling after the last round only adds variance to the pick
     needs = (ess < settings.resample_threshold * n) & ~shape.exact & ~dead & ~all_finished & ~spent
@@ -1141,7 +1221,7 @@ def resample_populations(population: Population, needs: torch.Tensor, group_lw: 
     """Resample: per live group that `needs` it, draw N ancestors by the normalised weights
     and copy rows (both caches, every array); `log_z` takes the group's mean weight, the
     weights restart at 0, `stats` counts the event."""
-    p, n = population, population.n
+    p, n = population, population.width  # (N: only SMC-SD rounds resample)
     chosen_groups = needs.nonzero().squeeze(1)
     chosen_lw = group_lw[chosen_groups]
     p.log_z[p.groups[chosen_groups]] += log_mean_weight(chosen_lw)
@@ -1156,6 +1236,8 @@ def final_pick(population: Population, settings: SMCSettings) -> SMCResult:
     """End: log Z takes the final mean weight; `num_return_sequences` particles per prompt
     are drawn by final weight. Changes `log_z`; returns the result."""
     p, n, batch = population, population.n, population.batch
+    if p.narrow:  # the live groups' stale rows take their first particle's tokens
+        p.fill_stale_rows(p.rows)
     longest = int(p.lengths.max())
     final_lw = p.log_weights.view(batch, n)
     p.log_z += log_mean_weight(final_lw)
@@ -1180,7 +1262,7 @@ def _commit_exact(population: Population, walk: verify.WalkResult, exact_groups:
     positions fed this round: before the round the rows were identical), then both caches
     roll back to what the committed tokens justify (docs/algorithm.md, Exact mode, step 5).
     Sets the exact rows' `last_token` and `draft_pending`; `x_last` is the round's."""
-    p, n, rows = population, population.n, population.rows
+    p, n, rows = population, population.width, population.rows
     ex_rows = _group_rows(exact_groups, n)
     accepted = walk.num_accepted.repeat_interleave(n)
     plan = _winner_plan(ex_rows.view(-1, n)[:, 0] + walk.winner, n)
@@ -1274,7 +1356,7 @@ class _Stats:
         self.num_resamples = torch.zeros(batch, dtype=torch.long, device=first_exact.device)
 
     def round(self, groups, exact, advance, accepted, plain=False, plan=None, rounds=1) -> None:
-        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s) for auto;
+        """`plan`: (K drafted, bias bound per group [G], predicted tokens/s, rows per group) for auto;
         `rounds`: a burst of that many plain rounds of the same shape (one per step)."""
         # Kept on the device until the end: no host synchronisation per round.
         self.records.append(("round", groups, exact, advance.clone(), accepted, plain, plan, rounds))
@@ -1309,7 +1391,7 @@ class _Stats:
                 modes[g].extend(letter * rounds)
                 last_advance[g] = adv
                 if plan is not None:
-                    plans[g].extend({"mode": letter, "k": plan[0], "bias_bound": None if plain else bias[i],
+                    plans[g].extend({"mode": letter, "k": plan[0], "chains": plan[3], "bias_bound": None if plain else bias[i],
                                      "predicted_tokens_per_s": speed} for _ in range(rounds))
                 if plain:
                     plain_tokens[g] += adv * rounds

@@ -3,6 +3,8 @@ stay the target's distribution by enumeration, greedy stays the target's greedy 
 every runner, SMC-SD rounds run only within the quality bound, and the diagnostics say
 what each round did and why."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -64,6 +66,87 @@ def test_plain_rounds_probes_and_exact_rounds_are_the_target(probe_every_round, 
     modes = "".join(out.round_modes)
     assert "p" in modes and "e" in modes and "s" not in modes  # plain rounds and probes both ran
     assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
+
+
+@pytest.mark.parametrize("cost_model", ["plain", "spec"])
+def test_one_chain_and_n_chain_rounds_in_any_order_are_the_target(monkeypatch, probe_every_round, cost_model):
+    """Exact rounds on one chain per group (narrow caches) and on N chains, with plain
+    rounds between them, in whatever order the planner picks (here it is refused the
+    one-chain choice every other round), stay the target's distribution: every switch
+    lets the draft catch up, copies each group's one row into its N rows and back, and
+    fills the full arrays' stale rows before the final pick."""
+    plan_round, calls = planner.plan_round, itertools.count()
+
+    def alternating(*args, **kwargs):
+        if next(calls) % 2:
+            kwargs["single_accept"] = None
+        return plan_round(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "plan_round", alternating)
+    target, draft = enumerable_pair(draft_noise=0.5)
+    exact = exact_distribution(target, PROMPT, NEW, eos_token_ids=(EOS,))
+    got, out = sample(target, draft, smc_particles=3, smc_gamma=2, smc_mode="auto",
+                      smc_auto_costs=PLAIN_COSTS if cost_model == "plain" else SPEC_COSTS)
+    ran = {(p["mode"], p["chains"]) for prompt in out.round_plans for p in prompt}
+    assert {("e", 1), ("e", 3)} <= ran and ("s", 1) not in ran
+    assert (("p", 1) in ran) == (cost_model == "plain")
+    assert total_variation(exact, got) <= noise_bound(exact, SAMPLES)
+
+
+@pytest.mark.parametrize("runner", ["eager", "paged"])
+def test_the_draft_catches_up_on_every_token_it_missed(pair, probe_every_round, runner):
+    """A draft that is a copy of the target proposes the target's own distribution, so
+    every draft of an exact round is accepted, but only if the draft's cache holds every
+    token before it: the prompt (prefilled when it first drafts) and the tokens of the
+    plain rounds it skipped, on one chain or on N."""
+    import copy
+
+    from hf_smcsd.runners.paged import PagedRunner
+
+    target, _ = pair
+    draft = copy.deepcopy(target)
+    if runner == "paged":
+        for model in (target, draft):
+            model.smc_runner = (lambda m: lambda: PagedRunner(m, tokens_per_block=4))(model)
+    ids, mask = left_pad([[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]])
+    try:
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, draft, ids, attention_mask=mask, smc_particles=3, smc_gamma=3,
+                                    smc_mode="auto", smc_auto_costs=costs(1.5), smc_auto_threshold=0.0,
+                                    do_sample=True, temperature=1.0, max_new_tokens=40, pad_token_id=0,
+                                    eos_token_id=None, return_dict_in_generate=True)
+    finally:
+        for model in (target, draft):
+            vars(model).pop("smc_runner", None)
+    for plans, accepted in zip(out.round_plans, out.accepted_draft_tokens):
+        drafted = [p["k"] for p in plans if p["mode"] == "e"]
+        assert "p" in "".join(p["mode"] for p in plans) and len(drafted) >= 3
+        assert accepted.tolist()[:-1] == drafted[:-1]  # (the last may be cut by the budget)
+
+
+def test_a_run_that_never_drafts_never_runs_the_draft(pair, monkeypatch):
+    """Auto prefills the draft when it first drafts: where no acceptance could make drafting
+    pay (no first probe) and the output ends before a later probe, the draft never runs."""
+    import functools
+
+    target, draft = pair
+    calls = []
+    forward = draft.forward
+
+    @functools.wraps(forward)
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(draft, "forward", counting)
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6, 7], [9, 10, 11]]), smc_particles=4, smc_gamma=3,
+                                smc_mode="auto", smc_auto_costs=costs(1.5), do_sample=True, max_new_tokens=6,
+                                eos_token_id=None, return_dict_in_generate=True)
+    assert out.round_modes == ["p" * 5] * 2 and not calls  # (x0 is the start's)
+    hf_smcsd.smc_generate(target, draft, torch.tensor([[5, 6, 7]]), smc_particles=4, smc_gamma=3, smc_mode="exact",
+                          do_sample=True, max_new_tokens=6, eos_token_id=None)
+    assert calls  # (the counter counts)
 
 
 @processor_cases()
@@ -223,7 +306,8 @@ def test_planning_reads_nothing_back_from_the_device(monkeypatch):
             for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
                 m.setattr(torch.Tensor, name, refuse)
             plan = planner.plan_round(rate, accept, costs_model, rows=12, gamma=4, bound=0.02,
-                                      live=torch.tensor([True, True, False]), plain_rows=3)
+                                      live=torch.tensor([True, True, False]), plain_rows=3,
+                                      single_accept=accept, particles=4)
         assert 0 <= int(plan.k) <= 4 and plan.exact.shape == (3,)
         assert int(plan.k) == 4 or costs_model is PLAIN_COSTS  # free drafts, or nothing measured: the longest
 

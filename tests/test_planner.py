@@ -261,3 +261,26 @@ def test_no_probe_where_no_acceptance_could_pay():
     overhead_bound.draft_step.points = {8: 0.1}
     assert planner.drafting_can_pay(overhead_bound, rows=8, plain_rows=2, gamma=4)
     assert planner.drafting_can_pay(planner.CostModel(), rows=8, plain_rows=2, gamma=4)  # nothing measured
+
+
+def test_plan_runs_exact_rounds_on_one_chain_where_rows_cost():
+    """Where the loop can narrow, one exact chain per group is a choice beside N chains: a
+    verify whose time grows with its tokens makes it the faster exact round (N chains
+    accept a little more but cost N times the rows); a free width keeps N chains, whose
+    SMC-SD rounds commit K + 1 tokens where the bound allows them."""
+    groups, n = 2, 4
+    no_evidence = torch.full((groups,), float("nan"), dtype=torch.float64)
+    accept_n, accept_1 = torch.full((groups,), 0.8, dtype=torch.float64), torch.full((groups,), 0.7, dtype=torch.float64)
+    knobs = dict(rows=groups * n, gamma=4, bound=0.02, plain_rows=groups, particles=n)
+    width_costs = costs(1.0, 0.25, 0.0)
+    plan = planner.plan_round(no_evidence, accept_n, width_costs, single_accept=accept_1, **knobs)
+    assert int(plan.k) > 0 and int(plan.chains) == 1 and plan.exact.all()
+    assert plan.chains_by_choice == (1,) + (n,) * 4 + (1,) * 4
+    # A runner that cannot narrow (plain rounds on N rows too, no one-chain choice): N chains, more slowly.
+    wide = planner.plan_round(no_evidence, accept_n, width_costs, **dict(knobs, plain_rows=groups * n))
+    assert int(wide.k) > 0 and int(wide.chains) == n and float(wide.tokens_per_s) < float(plan.tokens_per_s)
+    assert wide.chains_by_choice == (n,) * 5
+    # A free width with SMC-SD allowed: N chains.
+    good = torch.full((groups,), 0.001, dtype=torch.float64)
+    smc = planner.plan_round(good, accept_n, costs(1.0, 0.0, 0.05), single_accept=accept_1, **knobs)
+    assert int(smc.chains) == n and int(smc.k) == 4 and not smc.exact.any()
