@@ -144,13 +144,15 @@ def block_bias(rate: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
 # --- Speed ---------------------------------------------------------------------------
 
 
-def acceptance(accepted: torch.Tensor, rejected: torch.Tensor, single_chain: torch.Tensor) -> torch.Tensor:
+def acceptance(accepted: torch.Tensor, rejected: torch.Tensor, single_chain: torch.Tensor,
+               prior: float = PRIOR_ACCEPTANCE) -> torch.Tensor:
     """Per-depth acceptance of a group's exact rounds `[G]`: the truncated-geometric
     estimate `accepted / (accepted + rejections)` over its exact rounds (`accepted`: drafts
     accepted in all of them, `rejected`: rounds that ended on a rejection), with the
-    single-chain estimate `1 - TV` (or `PRIOR_ACCEPTANCE` where NaN) as `PRIOR_WEIGHT`
-    pseudo-rounds. N chains accept at least as often as one."""
-    prior = torch.where(torch.isnan(single_chain), PRIOR_ACCEPTANCE, single_chain).clamp(0.0, 1.0)
+    single-chain estimate `1 - TV` (or `prior` where NaN: `PRIOR_ACCEPTANCE`, or what earlier
+    runs of the pair measured) as `PRIOR_WEIGHT` pseudo-rounds. N chains accept at least as
+    often as one."""
+    prior = torch.where(torch.isnan(single_chain), prior, single_chain).clamp(0.0, 1.0)
     a = (accepted.double() + PRIOR_WEIGHT * prior) / (accepted.double() + rejected.double() + PRIOR_WEIGHT)
     return a.clamp(0.0, 0.999)
 

@@ -719,11 +719,30 @@ def smc_sample(
             auto.round_done(population.rows.shape[0], shape.k, verified.fed)
         population.stream_settled()
 
+    if auto is not None:
+        auto.remember()
     return final_pick(population, settings)
 
 
 _COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
 _COST_CACHE_SIZE = 64
+# What earlier runs measured of a pair's single-chain acceptance (1 - TV at the drafted
+# positions, the mean over their prompts), per (target, draft, temperatures): the prior of
+# the next run's first plans, so a process that generates again and again with one pair
+# does not pay a first probe per call for a draft that does not pay (nor a short first
+# block for one that does). Models are told apart by `id`: a model freed and another
+# allocated at its address could inherit its entry, which changes only when auto first
+# drafts, never what it outputs. Not used with fixed costs (`smc_auto_costs`: reproducible plans).
+_ACCEPTANCE_MEMORY: dict[tuple, float] = {}
+_ACCEPTANCE_MEMORY_SIZE = 64
+
+
+def _memory_key(target_model, draft_model, settings: SMCSettings) -> tuple | None:
+    """The `_ACCEPTANCE_MEMORY` entry of a pair at the run's temperatures (None: a runner
+    without a model to name)."""
+    if target_model is None or draft_model is None:
+        return None
+    return id(target_model), id(draft_model), settings.temperature, settings.proposal_temperature
 # Plain rounds one plan may run in a row (`plain_burst`), unless a probe is due sooner: the
 # loop's own work (planning, diagnostics, cost observations) is paid once per burst, not per
 # token; the cap keeps the measured costs fresh.
@@ -769,9 +788,16 @@ class _AutoState:
         self.probing = False  # the round planned last is a probe (the schedule forced a draft)
         self.probe_seconds = self.plain_seconds = 0.0  # predicted seconds of a probe / a plain round
         self.measure = settings.auto_costs is None
+        self.memory_key = None
+        self.prior = planner.PRIOR_ACCEPTANCE
         if not self.measure:
             self.costs = settings.auto_costs
             return
+        self.memory_key = _memory_key(getattr(target, "model", None), getattr(draft, "model", None), settings)
+        if self.memory_key is not None:
+            remembered = _ACCEPTANCE_MEMORY.get(self.memory_key)
+            if remembered is not None:  # the planner decides the first round from it: no forced first probe
+                self.prior, self.probes.first = remembered, False
         keys = (_cost_key(target), _cost_key(draft))
         key = None if None in keys else keys + (x0.shape[0], self.gamma)
         self.costs = _COST_CACHE.get(key) if key is not None else None
@@ -817,8 +843,8 @@ class _AutoState:
             self.probes.first = False
         self.probing = self.probes.must_draft(self.probe_seconds)
         single = self.single_acceptance[groups]
-        accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single)
-        accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single)
+        accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single, self.prior)
+        accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single, self.prior)
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
                                   allow_plain=not self.probing, allow_smc=not self.greedy, live=~group_done,
@@ -861,6 +887,16 @@ class _AutoState:
     def round_done(self, rows: int, k: int, verify_width: int) -> None:
         self.clock.stop("round")
         self.last_round = (rows, k, verify_width, 1)
+
+    def remember(self) -> None:
+        """At the end of a run: its prompts' mean single-chain acceptance becomes the pair's
+        remembered one (a run that never drafted leaves it; one host read per run)."""
+        measured = self.single_acceptance[~torch.isnan(self.single_acceptance)]
+        if self.memory_key is None or measured.numel() == 0:
+            return
+        if len(_ACCEPTANCE_MEMORY) >= _ACCEPTANCE_MEMORY_SIZE and self.memory_key not in _ACCEPTANCE_MEMORY:
+            _ACCEPTANCE_MEMORY.pop(next(iter(_ACCEPTANCE_MEMORY)))
+        _ACCEPTANCE_MEMORY[self.memory_key] = float(measured.mean())
 
     def observe_last_round(self) -> None:
         """Feed the spans of the round before into the cost model (after a synchronisation)."""

@@ -73,6 +73,17 @@ def no_library_deprecations(monkeypatch):
         pytest.fail("deprecation warnings from hf_smcsd's own calls:\n" + "\n".join(dict.fromkeys(caught)))
 
 
+@pytest.fixture(autouse=True)
+def fresh_acceptance_memory():
+    """Auto remembers each pair's acceptance across calls (`smc._ACCEPTANCE_MEMORY`): every
+    test starts without it, so no test depends on which ran before."""
+    from hf_smcsd import smc
+
+    smc._ACCEPTANCE_MEMORY.clear()
+    yield
+    smc._ACCEPTANCE_MEMORY.clear()
+
+
 @pytest.fixture(scope="session")
 def pair():
     """A target and a draft that disagree noticeably (different seeds and sizes)."""

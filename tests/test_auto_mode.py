@@ -149,6 +149,37 @@ def test_a_run_that_never_drafts_never_runs_the_draft(pair, monkeypatch):
     assert calls  # (the counter counts)
 
 
+def test_later_calls_start_from_the_acceptance_earlier_calls_measured(pair, monkeypatch):
+    """A call with measured costs leaves its prompts' mean single-chain acceptance (1 - TV at
+    the drafted positions) for the next call with the same pair: a copy of the target is
+    remembered at 1. A remembered acceptance of 0 lets the next call decode plainly from the
+    first round (no forced probe); fixed costs (reproducible plans) ignore the memory."""
+    import copy
+
+    from hf_smcsd import smc
+
+    target, draft = pair
+    ids = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    knobs = dict(smc_particles=4, smc_gamma=3, smc_mode="auto", do_sample=True, temperature=1.0, max_new_tokens=6,
+                 eos_token_id=None, return_dict_in_generate=True)
+    twin = copy.deepcopy(target)
+    monkeypatch.setattr(planner, "drafting_can_pay", lambda *args: True)  # (a twin costs what the target costs)
+    torch.manual_seed(0)
+    out = hf_smcsd.smc_generate(target, twin, ids, smc_auto_costs=None, **knobs)
+    assert out.round_modes[0].startswith("e")  # nothing remembered: the first round probes
+    (remembered,) = smc._ACCEPTANCE_MEMORY.values()
+    assert remembered == pytest.approx(1.0, abs=1e-4)
+    smc._ACCEPTANCE_MEMORY.clear()
+    settings = smc.SMCSettings(particles=4, gamma=3, max_new_tokens=6, temperature=1.0, mode="auto")
+    key = smc._memory_key(target, draft, settings)
+    smc._ACCEPTANCE_MEMORY[key] = 0.0
+    for costs_model, first in ((None, "p"), (PLAIN_COSTS, "e")):
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, draft, ids, smc_auto_costs=costs_model, **knobs)
+        assert all(m.startswith(first) for m in out.round_modes), (costs_model, out.round_modes)
+    assert smc._ACCEPTANCE_MEMORY == {key: 0.0}  # (the fixed-cost run drafted, and left it)
+
+
 @processor_cases()
 def test_narrow_plain_rounds_follow_the_processed_target(probe_every_round, generate_kwargs, processors):
     """Plain rounds on one row per group apply the processors (one that reads each row's

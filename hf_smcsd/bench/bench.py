@@ -50,7 +50,7 @@ COLUMNS = [
     "ms_per_round_draft", "ms_per_round_verify", "ms_per_round_resample", "ms_per_round_prefill",
     "ms_per_round_other", "share_draft", "share_verify", "share_resample", "share_prefill", "share_other",
     "tokens_per_target_call", "note", "name", "schedule", "auto_threshold", "ms_per_round_rollback",
-    "share_rollback", "round_mix", "mean_k",
+    "share_rollback", "round_mix", "mean_k", "one_chain",
 ]
 
 
@@ -166,9 +166,10 @@ def smc_diagnostics(outputs: list, particles: int) -> dict:
     """Mean ESS (over prompts, rounds and repeats), ESS / N, resamples per prompt-round (of the
     SMC-SD rounds: exact rounds have no weights; NaN where a run had none), and the mix of
     round kinds (`round_mix`: shares of SMC-SD / exact / plain rounds, e.g. "s0.10 e0.30
-    p0.60") with auto's mean K per round (`mean_k`; None for fixed modes)."""
+    p0.60") with auto's mean K per round (`mean_k`; None for fixed modes) and the share of its
+    drafted rounds that ran on one chain per prompt (`one_chain`; None without drafted rounds)."""
     ess_values, resamples, prompt_rounds, rounds = [], 0, 0, []
-    letters, ks = "", []
+    letters, ks, chains = "", [], []
     for out in outputs:
         for trace in out.ess or []:
             if len(trace):
@@ -178,7 +179,9 @@ def smc_diagnostics(outputs: list, particles: int) -> dict:
             resamples += int(out.num_resamples.sum())
         rounds.append(int(out.num_rounds))
         letters += "".join(out.round_modes or [])
-        ks += [plan["k"] for prompt in (getattr(out, "round_plans", None) or []) for plan in prompt]
+        plans = [plan for prompt in (getattr(out, "round_plans", None) or []) for plan in prompt]
+        ks += [plan["k"] for plan in plans]
+        chains += [plan.get("chains") for plan in plans if plan["k"] > 0]
     mean_ess = sum(ess_values) / len(ess_values) if ess_values else float("nan")
     return {
         "mean_ess": mean_ess,
@@ -187,6 +190,7 @@ def smc_diagnostics(outputs: list, particles: int) -> dict:
         "rounds": common.median([float(r) for r in rounds]),
         "round_mix": " ".join(f"{m}{letters.count(m) / len(letters):.2f}" for m in "sep") if letters else "",
         "mean_k": sum(ks) / len(ks) if ks else None,
+        "one_chain": sum(c == 1 for c in chains) / len(chains) if chains else None,
     }
 
 
@@ -424,6 +428,7 @@ def format_table(rows: list[dict]) -> str:
             f"{fmt(r.get('resample_rate'), '.2f'):>8}{fmt(r.get('tokens_per_target_call'), '.2f'):>8}  {split}"
             + (f"  {r['round_mix']}" if r.get("round_mix") else "")
             + (f", K {r['mean_k']:.1f}" if r.get("mean_k") is not None else "")
+            + (f", 1 chain {r['one_chain']:.2f}" if r.get("one_chain") is not None else "")
         )
     return "\n".join(lines)
 
