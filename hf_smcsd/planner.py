@@ -144,15 +144,13 @@ def block_bias(rate: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
 # --- Speed ---------------------------------------------------------------------------
 
 
-def acceptance(accepted: torch.Tensor, rejected: torch.Tensor, single_chain: torch.Tensor,
-               prior: float = PRIOR_ACCEPTANCE) -> torch.Tensor:
+def acceptance(accepted: torch.Tensor, rejected: torch.Tensor, single_chain: torch.Tensor) -> torch.Tensor:
     """Per-depth acceptance of a group's exact rounds `[G]`: the truncated-geometric
     estimate `accepted / (accepted + rejections)` over its exact rounds (`accepted`: drafts
     accepted in all of them, `rejected`: rounds that ended on a rejection), with the
-    single-chain estimate `1 - TV` (or `prior` where NaN: `PRIOR_ACCEPTANCE`, or what earlier
-    runs of the pair measured) as `PRIOR_WEIGHT` pseudo-rounds. N chains accept at least as
-    often as one."""
-    prior = torch.where(torch.isnan(single_chain), prior, single_chain).clamp(0.0, 1.0)
+    single-chain estimate `1 - TV` (or `PRIOR_ACCEPTANCE` where NaN) as `PRIOR_WEIGHT`
+    pseudo-rounds. N chains accept at least as often as one."""
+    prior = torch.where(torch.isnan(single_chain), PRIOR_ACCEPTANCE, single_chain).clamp(0.0, 1.0)
     a = (accepted.double() + PRIOR_WEIGHT * prior) / (accepted.double() + rejected.double() + PRIOR_WEIGHT)
     return a.clamp(0.0, 0.999)
 
@@ -317,18 +315,18 @@ def plan_round(
                 chains_by_choice=tuple(chains))
 
 
-def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int) -> bool:
-    """Whether some K could beat plain decoding even if every draft were accepted (K + 1
-    tokens per group and round), by the measured costs: the models' time of a drafted
-    round (its loop overhead left out, so this errs towards yes) against K + 1 plain
-    rounds. Where no K can (a compute-bound target, whose verify pass costs about what
-    its tokens cost), a first probe only loses time (the loop skips it; later probes keep
-    their schedule, so a wrong measurement is measured again). True while costs are
-    unknown."""
+def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int, acceptance: float = 1.0) -> bool:
+    """Whether some K could beat plain decoding at a per-depth `acceptance` (1: every draft
+    accepted, K + 1 tokens per group and round; else `1 + a + ... + a^K`), by the measured
+    costs: a drafted round's predicted time against that many plain rounds'. Where no K can (a compute-bound target,
+    whose verify pass costs about what its tokens cost; or a pair whose acceptance an
+    earlier call measured too low), a first probe only loses time (the loop skips it;
+    later probes keep their schedule, so a wrong measurement is measured again). True
+    while costs are unknown."""
     if not (costs.verify.known and costs.draft_step.known):
         return True
     plain = costs.round_seconds(plain_rows, 0)
-    return any((k + 1) * plain > k * costs.draft_step(rows) + costs.verify(rows * (k + 1)) for k in range(1, gamma + 1))
+    return any(sum(acceptance**i for i in range(k + 1)) * plain > costs.round_seconds(rows, k) for k in range(1, gamma + 1))
 
 
 @dataclass
@@ -337,8 +335,10 @@ class ProbeSchedule:
     row, and once those plain rounds took `PROBE_FACTOR` times what the probe is predicted
     to cost (so probing costs at most about 1 / PROBE_FACTOR of the plain time: at a large
     batch a probe's N x (K+1) rows cost many plain steps). A probe followed by plain decoding
-    again doubles both; a round that drafts by choice resets them. The first round always
-    drafts (`first`): a draft that pays is found at once, one that does not costs a round."""
+    again doubles both; a round that drafts by choice resets them. The first round drafts
+    (`first`): a draft that pays is found at once, one that does not costs a round; the loop
+    clears `first` where no acceptance could pay, or none as high as an earlier call measured
+    of the pair (`drafting_can_pay`; `smc._ACCEPTANCE_MEMORY`)."""
 
     wait: int = FIRST_PROBE
     factor: float = PROBE_FACTOR

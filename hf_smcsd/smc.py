@@ -727,12 +727,15 @@ def smc_sample(
 _COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
 _COST_CACHE_SIZE = 64
 # What earlier runs measured of a pair's single-chain acceptance (1 - TV at the drafted
-# positions, the mean over their prompts), per (target, draft, temperatures): the prior of
-# the next run's first plans, so a process that generates again and again with one pair
-# does not pay a first probe per call for a draft that does not pay (nor a short first
-# block for one that does). Models are told apart by `id`: a model freed and another
-# allocated at its address could inherit its entry, which changes only when auto first
-# drafts, never what it outputs. Not used with fixed costs (`smc_auto_costs`: reproducible plans).
+# positions, the mean over their prompts), per (target, draft, temperatures): where it
+# could not make drafting pay (`planner.drafting_can_pay`), the next run skips its first
+# probe, so a process that generates again and again with one pair does not pay a probe
+# per call for a draft that does not pay (the probe schedule still tries it later in long
+# outputs). The first rounds' plans themselves keep the usual prior (a remembered mean
+# would hold a good draft back before its own rounds are measured). Models are told apart
+# by `id`: a model freed and another allocated at its address could inherit its entry,
+# which changes only whether auto probes first, never what it outputs. Not used with
+# fixed costs (`smc_auto_costs`: reproducible plans).
 _ACCEPTANCE_MEMORY: dict[tuple, float] = {}
 _ACCEPTANCE_MEMORY_SIZE = 64
 
@@ -789,15 +792,13 @@ class _AutoState:
         self.probe_seconds = self.plain_seconds = 0.0  # predicted seconds of a probe / a plain round
         self.measure = settings.auto_costs is None
         self.memory_key = None
-        self.prior = planner.PRIOR_ACCEPTANCE
+        self.remembered = 1.0  # the acceptance the first probe is decided by (1: any that could pay)
         if not self.measure:
             self.costs = settings.auto_costs
             return
         self.memory_key = _memory_key(getattr(target, "model", None), getattr(draft, "model", None), settings)
         if self.memory_key is not None:
-            remembered = _ACCEPTANCE_MEMORY.get(self.memory_key)
-            if remembered is not None:  # the planner decides the first round from it: no forced first probe
-                self.prior, self.probes.first = remembered, False
+            self.remembered = _ACCEPTANCE_MEMORY.get(self.memory_key, 1.0)
         keys = (_cost_key(target), _cost_key(draft))
         key = None if None in keys else keys + (x0.shape[0], self.gamma)
         self.costs = _COST_CACHE.get(key) if key is not None else None
@@ -837,14 +838,16 @@ class _AutoState:
         known = self.costs.verify.known
         self.probe_seconds = self.costs.round_seconds(plain_rows, self.gamma) if known else 0.0  # one chain where it can
         self.plain_seconds = self.costs.round_seconds(plain_rows, 0) if known else 0.0
-        if self.probes.first and not planner.drafting_can_pay(self.costs, plain_rows, plain_rows, self.gamma):
-            # No acceptance could pay by the (cached) costs: no first probe; the schedule
-            # still probes later, so costs measured wrongly (a loaded machine) get measured again.
+        if self.probes.first and not planner.drafting_can_pay(self.costs, plain_rows, plain_rows, self.gamma,
+                                                               self.remembered):
+            # No acceptance could pay by the (cached) costs, or not the one earlier calls
+            # measured of this pair: no first probe; the schedule still probes later, so
+            # costs measured wrongly (a loaded machine) get measured again.
             self.probes.first = False
         self.probing = self.probes.must_draft(self.probe_seconds)
         single = self.single_acceptance[groups]
-        accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single, self.prior)
-        accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single, self.prior)
+        accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single)
+        accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single)
         rate = planner.usable_rate(self.rate[groups], self.positions[groups])
         return planner.plan_round(rate, accept, self.costs, rows, self.gamma, self.bound,
                                   allow_plain=not self.probing, allow_smc=not self.greedy, live=~group_done,

@@ -149,11 +149,12 @@ def test_a_run_that_never_drafts_never_runs_the_draft(pair, monkeypatch):
     assert calls  # (the counter counts)
 
 
-def test_later_calls_start_from_the_acceptance_earlier_calls_measured(pair, monkeypatch):
+def test_later_calls_skip_the_first_probe_where_earlier_calls_measured_no_pay(pair, monkeypatch):
     """A call with measured costs leaves its prompts' mean single-chain acceptance (1 - TV at
     the drafted positions) for the next call with the same pair: a copy of the target is
-    remembered at 1. A remembered acceptance of 0 lets the next call decode plainly from the
-    first round (no forced probe); fixed costs (reproducible plans) ignore the memory."""
+    remembered at 1. A remembered acceptance of 0, at which no K can pay, lets the next call
+    decode plainly from the first round (no first probe); fixed costs (reproducible plans)
+    ignore the memory."""
     import copy
 
     from hf_smcsd import smc
@@ -163,9 +164,10 @@ def test_later_calls_start_from_the_acceptance_earlier_calls_measured(pair, monk
     knobs = dict(smc_particles=4, smc_gamma=3, smc_mode="auto", do_sample=True, temperature=1.0, max_new_tokens=6,
                  eos_token_id=None, return_dict_in_generate=True)
     twin = copy.deepcopy(target)
-    monkeypatch.setattr(planner, "drafting_can_pay", lambda *args: True)  # (a twin costs what the target costs)
-    torch.manual_seed(0)
-    out = hf_smcsd.smc_generate(target, twin, ids, smc_auto_costs=None, **knobs)
+    with monkeypatch.context() as m:
+        m.setattr(planner, "drafting_can_pay", lambda *args: True)  # (a twin costs what the target costs)
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, twin, ids, smc_auto_costs=None, **knobs)
     assert out.round_modes[0].startswith("e")  # nothing remembered: the first round probes
     (remembered,) = smc._ACCEPTANCE_MEMORY.values()
     assert remembered == pytest.approx(1.0, abs=1e-4)
