@@ -62,6 +62,10 @@ PRIOR_ACCEPTANCE = 0.5  # per-depth acceptance assumed before anything was measu
 PRIOR_WEIGHT = 2.0  # the single-chain estimate counts as this many exact rounds
 FIRST_PROBE = 8  # plain rounds before the draft is tried again (then doubling) ...
 PROBE_FACTOR = 8.0  # ... and plain time, in multiples of the probe's predicted time (ProbeSchedule)
+# A scheduled probe with fewer tokens than this left to any prompt is skipped: a draft it
+# found paying could not earn back the probe's cost (one drafted round, a few plain steps'
+# time) in what is left. (Not the first probe, where the whole output is left.)
+LATE_PROBE = 16
 # Drafted positions (per chain) a group must have been measured at before its first SMC-SD
 # round: text alternates between easy and hard spots (see update_rate), and a rate taken from
 # one easy round let SMC-SD land on the answers of the weak pair. 16 is about one line of

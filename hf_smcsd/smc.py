@@ -567,6 +567,7 @@ class RoundShape:
     any_exact: bool = False
     num_diverse: int = 0  # live groups whose particles differ
     least: int = 0  # fewest tokens any live group has left
+    most: int = 0  # most tokens any live group has left
     k: int = 0  # draft tokens per row this round (0: a plain round, auto only)
     chains: int = 0  # auto: rows per group the round drafts on (1 or N); 0: as the population runs
     with_bonus: bool = True  # whether a bonus token follows the k drafts
@@ -579,6 +580,7 @@ class RoundShape:
         rounds keep the user's K, a quality knob for them). The last rounds draft only what
         some budget can keep, and skip the bonus where no budget reaches it."""
         self.num_done, self.num_collapse, num_exact, most, self.least, self.num_diverse, gamma_now, *rest = summary
+        self.most = most
         if self.plan is not None:
             k, self.chains = rest.pop(0), rest.pop(0)  # auto: the planner's K and chains
         else:
@@ -678,6 +680,7 @@ def smc_sample(
         check_distributions(shape.invalid)  # NaN from the last round (or the start): stop, before the pick
         if auto is not None:
             auto.observe_last_round()  # its spans are complete: the synchronisation above passed them
+            auto.left = shape.most
         if shape.num_done == population.num_live_groups:
             break
         if shape.num_done:
@@ -688,7 +691,7 @@ def smc_sample(
         if auto is not None:
             arrange_rows(population, shape)
         if shape.k == 0:  # auto's plain rounds: target sampling steps, no draft pass, until a probe is due
-            steps = auto.burst_length(shape.least)
+            steps = auto.burst_length(shape.least, shape.most)
             population.grow_token_buffer(shape.least, max(settings.max_gamma, steps))
             plain_burst(population, rules, shape, steps)
             population.stream_settled()
@@ -790,6 +793,7 @@ class _AutoState:
         self.last_round: tuple[int, int, int, int] | None = None  # (rows, K, verify width, rounds) just run
         self.probing = False  # the round planned last is a probe (the schedule forced a draft)
         self.probe_seconds = self.plain_seconds = 0.0  # predicted seconds of a probe / a plain round
+        self.left: int | None = None  # host copy: the most tokens a live group has left (`RoundShape.most`)
         self.measure = settings.auto_costs is None
         self.memory_key = None
         self.remembered = 1.0  # the acceptance the first probe is decided by (1: any that could pay)
@@ -844,7 +848,8 @@ class _AutoState:
             # measured of this pair: no first probe; the schedule still probes later, so
             # costs measured wrongly (a loaded machine) get measured again.
             self.probes.first = False
-        self.probing = self.probes.must_draft(self.probe_seconds)
+        late = not self.probes.first and self.left is not None and self.left < planner.LATE_PROBE
+        self.probing = self.probes.must_draft(self.probe_seconds) and not late
         single = self.single_acceptance[groups]
         accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single)
         accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single)
@@ -858,17 +863,21 @@ class _AutoState:
         """The planned round drafts `k` tokens (it runs: no collapse came first)."""
         self.probes.after(k, self.probing)
 
-    def burst_length(self, least: int) -> int:
-        """Plain rounds the loop runs in one burst: until a probe is due, at most `MAX_BURST`
-        and at most `least` (the fewest tokens any live group has left)."""
+    def burst_length(self, least: int, most: int) -> int:
+        """Plain rounds the loop runs in one burst: until a probe is due (unless it would come
+        too late to pay: `planner.LATE_PROBE`), at most `MAX_BURST` and at most `least` (the
+        fewest tokens any live group has left; `most`: the most)."""
         if self.measure and "plain" not in self.costs.overhead:
             return 1  # measure a plain round's own time first (planner.CostModel.round_seconds)
         before = self.probes.plain_rounds_before_probe(self.probe_seconds, self.plain_seconds)
+        if before is not None and most - before < planner.LATE_PROBE:
+            before = None
         return max(1, min(least, MAX_BURST, before or MAX_BURST))
 
     def plain_done(self, rows: int, steps: int) -> None:
         """A burst of `steps` plain rounds over `rows` target rows ran."""
         self.probes.after(0, False, self.plain_seconds, rounds=steps)
+        self.left -= steps
         self.clock.stop("round")
         self.last_round = (rows, 0, 1, steps)
 

@@ -35,10 +35,11 @@ PLAIN_COSTS, SPEC_COSTS = costs(0.9), costs(0.0)
 
 @pytest.fixture
 def probe_every_round(monkeypatch):
-    """The first probe after one plain round (then 2, 4, ...), so short outputs mix plain
-    rounds, probes and the draft's catch-up."""
+    """The first probe after one plain round (then 2, 4, ...), even near the end, so short
+    outputs mix plain rounds, probes and the draft's catch-up."""
     monkeypatch.setattr(planner, "FIRST_PROBE", 1)
     monkeypatch.setattr(planner, "PROBE_FACTOR", 0.0)
+    monkeypatch.setattr(planner, "LATE_PROBE", 0)
 
 
 @pytest.fixture
@@ -180,6 +181,23 @@ def test_later_calls_skip_the_first_probe_where_earlier_calls_measured_no_pay(pa
         out = hf_smcsd.smc_generate(target, draft, ids, smc_auto_costs=costs_model, **knobs)
         assert all(m.startswith(first) for m in out.round_modes), (costs_model, out.round_modes)
     assert smc._ACCEPTANCE_MEMORY == {key: 0.0}  # (the fixed-cost run drafted, and left it)
+
+
+def test_no_probe_too_late_to_pay(pair, probe_every_round):
+    """A scheduled probe with fewer than `planner.LATE_PROBE` tokens left to every prompt is
+    skipped (a draft it found paying could not earn its cost back); the bursts run on."""
+    target, draft = pair
+    ids = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    tails = {}
+    for late in (0, 16):
+        planner.LATE_PROBE = late  # (restored by the fixture)
+        torch.manual_seed(0)
+        out = hf_smcsd.smc_generate(target, draft, ids, smc_particles=4, smc_gamma=3, smc_mode="auto",
+                                    smc_auto_costs=PLAIN_COSTS, do_sample=True, max_new_tokens=40, eos_token_id=None,
+                                    return_dict_in_generate=True)
+        tails[late] = [modes[-15:] for modes in out.round_modes]
+        assert all(modes.startswith("e") and "e" in modes[1:-15] for modes in out.round_modes)
+    assert all("e" in tail for tail in tails[0]) and not any("e" in tail for tail in tails[16])
 
 
 @processor_cases()
