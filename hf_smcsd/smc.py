@@ -729,8 +729,8 @@ def smc_sample(
 
 _COST_CACHE: dict[tuple, planner.CostModel] = {}  # measured costs per (models, dtype, device, rows, K)
 _COST_CACHE_SIZE = 64
-# What earlier runs measured of a pair's single-chain acceptance (1 - TV at the drafted
-# positions, the mean over their prompts), per (target, draft, temperatures): where it
+# What earlier runs measured of a pair's per-depth acceptance (their exact walks' estimate,
+# the mean over their prompts), per (target, draft, temperatures): where it
 # could not make drafting pay (`planner.drafting_can_pay`), the next run skips its first
 # probe, so a process that generates again and again with one pair does not pay a probe
 # per call for a draft that does not pay (the probe schedule still tries it later in long
@@ -901,11 +901,17 @@ class _AutoState:
         self.last_round = (rows, k, verify_width, 1)
 
     def remember(self) -> None:
-        """At the end of a run: its prompts' mean single-chain acceptance becomes the pair's
-        remembered one (a run that never drafted leaves it; one host read per run)."""
-        measured = self.single_acceptance[~torch.isnan(self.single_acceptance)]
-        if self.memory_key is None or measured.numel() == 0:
+        """At the end of a run: the per-depth acceptance of its exact walks (the planner's
+        estimate, `planner.acceptance`, mean over the prompts that ran one) becomes the
+        pair's remembered one (a run without exact rounds leaves it; one host read per run).
+        Not the mean 1 - TV over every drafted position: positions after a rejected draft
+        sit in contexts the target would not have written, where the models disagree more,
+        so that mean is far below what walks accept (0.55 against 0.9 on the committed pair)."""
+        walked = (self.accepted + self.rejected).sum(dim=0) > 0
+        if self.memory_key is None or not bool(walked.any()):
             return
+        estimate = planner.acceptance(self.accepted.sum(dim=0), self.rejected.sum(dim=0), self.single_acceptance)
+        measured = estimate[walked]
         if len(_ACCEPTANCE_MEMORY) >= _ACCEPTANCE_MEMORY_SIZE and self.memory_key not in _ACCEPTANCE_MEMORY:
             _ACCEPTANCE_MEMORY.pop(next(iter(_ACCEPTANCE_MEMORY)))
         _ACCEPTANCE_MEMORY[self.memory_key] = float(measured.mean())

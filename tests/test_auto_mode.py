@@ -151,9 +151,9 @@ def test_a_run_that_never_drafts_never_runs_the_draft(pair, monkeypatch):
 
 
 def test_later_calls_skip_the_first_probe_where_earlier_calls_measured_no_pay(pair, monkeypatch):
-    """A call with measured costs leaves its prompts' mean single-chain acceptance (1 - TV at
-    the drafted positions) for the next call with the same pair: a copy of the target is
-    remembered at 1. A remembered acceptance of 0, at which no K can pay, lets the next call
+    """A call with measured costs leaves its exact walks' per-depth acceptance (the mean over
+    its prompts) for the next call with the same pair: a copy of the target is remembered
+    at (nearly) 1. A remembered acceptance of 0, at which no K can pay, lets the next call
     decode plainly from the first round (no first probe); fixed costs (reproducible plans)
     ignore the memory."""
     import copy
@@ -171,7 +171,7 @@ def test_later_calls_skip_the_first_probe_where_earlier_calls_measured_no_pay(pa
         out = hf_smcsd.smc_generate(target, twin, ids, smc_auto_costs=None, **knobs)
     assert out.round_modes[0].startswith("e")  # nothing remembered: the first round probes
     (remembered,) = smc._ACCEPTANCE_MEMORY.values()
-    assert remembered == pytest.approx(1.0, abs=1e-4)
+    assert remembered > 0.99  # (the estimate's cap is 0.999)
     smc._ACCEPTANCE_MEMORY.clear()
     settings = smc.SMCSettings(particles=4, gamma=3, max_new_tokens=6, temperature=1.0, mode="auto")
     key = smc._memory_key(target, draft, settings)
