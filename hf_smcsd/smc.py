@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -735,20 +736,40 @@ _COST_CACHE_SIZE = 64
 # probe, so a process that generates again and again with one pair does not pay a probe
 # per call for a draft that does not pay (the probe schedule still tries it later in long
 # outputs). The first rounds' plans themselves keep the usual prior (a remembered mean
-# would hold a good draft back before its own rounds are measured). Models are told apart
-# by `id`: a model freed and another allocated at its address could inherit its entry,
-# which changes only whether auto probes first, never what it outputs. Not used with
-# fixed costs (`smc_auto_costs`: reproducible plans).
-_ACCEPTANCE_MEMORY: dict[tuple, float] = {}
+# would hold a good draft back before its own rounds are measured). Entries are keyed by
+# the models' `id` and hold weak references to them: a model freed and another allocated
+# at its address does not inherit the entry (it did, in a benchmark that loads one pair
+# after another: the committed pair took the weak pair's acceptance and decoded plainly).
+# Not used with fixed costs (`smc_auto_costs`: reproducible plans).
+_ACCEPTANCE_MEMORY: dict[tuple, tuple[weakref.ref, weakref.ref, float]] = {}
 _ACCEPTANCE_MEMORY_SIZE = 64
 
 
 def _memory_key(target_model, draft_model, settings: SMCSettings) -> tuple | None:
-    """The `_ACCEPTANCE_MEMORY` entry of a pair at the run's temperatures (None: a runner
+    """The `_ACCEPTANCE_MEMORY` key of a pair at the run's temperatures (None: a runner
     without a model to name)."""
     if target_model is None or draft_model is None:
         return None
     return id(target_model), id(draft_model), settings.temperature, settings.proposal_temperature
+
+
+def remembered_acceptance(target_model, draft_model, settings: SMCSettings) -> float | None:
+    """What earlier calls measured of this pair's per-depth acceptance (None: nothing, or
+    the entry was left by other models at the same addresses)."""
+    entry = _ACCEPTANCE_MEMORY.get(_memory_key(target_model, draft_model, settings))
+    if entry is None or entry[0]() is not target_model or entry[1]() is not draft_model:
+        return None
+    return entry[2]
+
+
+def remember_acceptance(target_model, draft_model, settings: SMCSettings, value: float) -> None:
+    key = _memory_key(target_model, draft_model, settings)
+    if key is None:
+        return
+    if len(_ACCEPTANCE_MEMORY) >= _ACCEPTANCE_MEMORY_SIZE and key not in _ACCEPTANCE_MEMORY:
+        _ACCEPTANCE_MEMORY.pop(next(iter(_ACCEPTANCE_MEMORY)))
+    _ACCEPTANCE_MEMORY[key] = (weakref.ref(target_model), weakref.ref(draft_model), value)
+
 # Plain rounds one plan may run in a row (`plain_burst`), unless a probe is due sooner: the
 # loop's own work (planning, diagnostics, cost observations) is paid once per burst, not per
 # token; the cap keeps the measured costs fresh.
@@ -795,14 +816,16 @@ class _AutoState:
         self.probe_seconds = self.plain_seconds = 0.0  # predicted seconds of a probe / a plain round
         self.left: int | None = None  # host copy: the most tokens a live group has left (`RoundShape.most`)
         self.measure = settings.auto_costs is None
-        self.memory_key = None
+        self.models = None  # (target, draft, settings) for `_ACCEPTANCE_MEMORY`
         self.remembered = 1.0  # the acceptance the first probe is decided by (1: any that could pay)
         if not self.measure:
             self.costs = settings.auto_costs
             return
-        self.memory_key = _memory_key(getattr(target, "model", None), getattr(draft, "model", None), settings)
-        if self.memory_key is not None:
-            self.remembered = _ACCEPTANCE_MEMORY.get(self.memory_key, 1.0)
+        models = (getattr(target, "model", None), getattr(draft, "model", None))
+        if None not in models:
+            self.models = models + (settings,)
+            remembered = remembered_acceptance(*self.models)
+            self.remembered = 1.0 if remembered is None else remembered
         keys = (_cost_key(target), _cost_key(draft))
         key = None if None in keys else keys + (x0.shape[0], self.gamma)
         self.costs = _COST_CACHE.get(key) if key is not None else None
@@ -908,13 +931,11 @@ class _AutoState:
         sit in contexts the target would not have written, where the models disagree more,
         so that mean is far below what walks accept (0.55 against 0.9 on the committed pair)."""
         walked = (self.accepted + self.rejected).sum(dim=0) > 0
-        if self.memory_key is None or not bool(walked.any()):
+        if self.models is None or not bool(walked.any()):
             return
         estimate = planner.acceptance(self.accepted.sum(dim=0), self.rejected.sum(dim=0), self.single_acceptance)
         measured = estimate[walked]
-        if len(_ACCEPTANCE_MEMORY) >= _ACCEPTANCE_MEMORY_SIZE and self.memory_key not in _ACCEPTANCE_MEMORY:
-            _ACCEPTANCE_MEMORY.pop(next(iter(_ACCEPTANCE_MEMORY)))
-        _ACCEPTANCE_MEMORY[self.memory_key] = float(measured.mean())
+        remember_acceptance(*self.models, float(measured.mean()))
 
     def observe_last_round(self) -> None:
         """Feed the spans of the round before into the cost model (after a synchronisation)."""

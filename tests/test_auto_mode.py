@@ -4,6 +4,7 @@ every runner, SMC-SD rounds run only within the quality bound, and the diagnosti
 what each round did and why."""
 
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -170,17 +171,19 @@ def test_later_calls_skip_the_first_probe_where_earlier_calls_measured_no_pay(pa
         torch.manual_seed(0)
         out = hf_smcsd.smc_generate(target, twin, ids, smc_auto_costs=None, **knobs)
     assert out.round_modes[0].startswith("e")  # nothing remembered: the first round probes
-    (remembered,) = smc._ACCEPTANCE_MEMORY.values()
-    assert remembered > 0.99  # (the estimate's cap is 0.999)
-    smc._ACCEPTANCE_MEMORY.clear()
     settings = smc.SMCSettings(particles=4, gamma=3, max_new_tokens=6, temperature=1.0, mode="auto")
-    key = smc._memory_key(target, draft, settings)
-    smc._ACCEPTANCE_MEMORY[key] = 0.0
+    assert smc.remembered_acceptance(target, twin, settings) > 0.99  # (the estimate's cap is 0.999)
+    assert smc.remembered_acceptance(target, draft, settings) is None
+    smc.remember_acceptance(target, draft, settings, 0.0)
     for costs_model, first in ((None, "p"), (PLAIN_COSTS, "e")):
         torch.manual_seed(0)
         out = hf_smcsd.smc_generate(target, draft, ids, smc_auto_costs=costs_model, **knobs)
         assert all(m.startswith(first) for m in out.round_modes), (costs_model, out.round_modes)
-    assert smc._ACCEPTANCE_MEMORY == {key: 0.0}  # (the fixed-cost run drafted, and left it)
+    assert smc.remembered_acceptance(target, draft, settings) == 0.0  # (the fixed-cost run drafted, and left it)
+    # Another model at a freed model's address does not inherit its entry.
+    key = smc._memory_key(target, draft, settings)
+    smc._ACCEPTANCE_MEMORY[key] = (smc._ACCEPTANCE_MEMORY[key][0], weakref.ref(twin), 0.0)  # as if `draft` replaced it
+    assert smc.remembered_acceptance(target, draft, settings) is None
 
 
 def test_no_probe_too_late_to_pay(pair, probe_every_round):
