@@ -770,6 +770,7 @@ def remember_acceptance(target_model, draft_model, settings: SMCSettings, value:
         _ACCEPTANCE_MEMORY.pop(next(iter(_ACCEPTANCE_MEMORY)))
     _ACCEPTANCE_MEMORY[key] = (weakref.ref(target_model), weakref.ref(draft_model), value)
 
+
 # Plain rounds one plan may run in a row (`plain_burst`), unless a probe is due sooner: the
 # loop's own work (planning, diagnostics, cost observations) is paid once per burst, not per
 # token; the cap keeps the measured costs fresh.
