@@ -165,6 +165,13 @@ def expected_exact_tokens(a: torch.Tensor, k: int) -> torch.Tensor:
     return powers.sum(dim=-1)
 
 
+def _exact_tokens_by_k(a: torch.Tensor, k_column: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """`expected_exact_tokens` for every K of `k_column` `[C, 1]` at once (`depth`: 0 .. the
+    largest K), per group of `a` `[G]` -> `[C, G]`; K = 0 is one (plain) token. Device only."""
+    powers = a.unsqueeze(-1) ** depth
+    return torch.where(depth <= k_column.unsqueeze(-1), powers.unsqueeze(0), 0.0).sum(dim=-1)
+
+
 @dataclass
 class LinearCost:
     """Seconds of a call as `fixed + per_token * tokens` (SmartSpec's model: linear in the
@@ -281,9 +288,7 @@ def plan_round(
     bias = block_bias(rate.unsqueeze(0), k_column)
     smc = (bias <= bound) & allow_smc & (k_column > 0)  # NaN compares False: no evidence, no SMC-SD
     depth = torch.arange(gamma + 1, device=rate.device)
-    # Exact: 1 + a + ... + a^K, the powers of `a` up to each K (K = 0: one plain token).
-    powers = accept.unsqueeze(-1) ** depth
-    exact_tokens = torch.where(depth <= k_column.unsqueeze(-1), powers.unsqueeze(0), 0.0).sum(dim=-1)
+    exact_tokens = _exact_tokens_by_k(accept, k_column, depth)  # 1 + a + ... + a^K (K = 0: one plain token)
     per_group = torch.where(smc, k_column + 1, exact_tokens)
     tokens = (per_group * weight).sum(dim=-1).double()
     exact_by_k = ~smc & (k_column > 0)
@@ -294,8 +299,7 @@ def plan_round(
     single = single_accept is not None and particles > 1 and plain_rows < rows
     if single:  # one exact chain per group: K = 1 .. gamma after the N-chain choices
         single_ks = list(range(1, gamma + 1))
-        single_powers = single_accept.unsqueeze(-1) ** depth
-        single_tokens = torch.where(depth <= k_column[-gamma:].unsqueeze(-1), single_powers.unsqueeze(0), 0.0).sum(dim=-1)
+        single_tokens = _exact_tokens_by_k(single_accept, k_column[-gamma:], depth)
         tokens = torch.cat([tokens, (single_tokens * weight).sum(dim=-1).double()])
         exact_by_k = torch.cat([exact_by_k, torch.ones_like(exact_by_k[-gamma:])])
         bias_by_k = torch.cat([bias_by_k, bias_by_k[-gamma:]])
@@ -330,7 +334,8 @@ def drafting_can_pay(costs: CostModel, rows: int, plain_rows: int, gamma: int, a
     if not (costs.verify.known and costs.draft_step.known):
         return True
     plain = costs.round_seconds(plain_rows, 0)
-    return any(sum(acceptance**i for i in range(k + 1)) * plain > costs.round_seconds(rows, k) for k in range(1, gamma + 1))
+    a = torch.tensor(acceptance, dtype=torch.float64)
+    return any(float(expected_exact_tokens(a, k)) * plain > costs.round_seconds(rows, k) for k in range(1, gamma + 1))
 
 
 @dataclass
@@ -351,15 +356,20 @@ class ProbeSchedule:
     probed: bool = False  # the last round was a probe
     first: bool = True  # no round planned yet
 
-    def must_draft(self, probe_seconds: float = 0.0) -> bool:
+    def must_draft(self, probe_seconds: float = 0.0, left: int | None = None) -> bool:
+        """Whether the round now must draft. `left`: the most tokens any prompt has left
+        (None: unknown); a scheduled probe with fewer than `LATE_PROBE` left is skipped."""
         if self.first:
             return True
+        if left is not None and left < LATE_PROBE:
+            return False
         return self.streak >= self.wait and self.plain_seconds >= self.factor * probe_seconds
 
-    def plain_rounds_before_probe(self, probe_seconds: float, seconds: float) -> int | None:
+    def plain_rounds_before_probe(self, probe_seconds: float, seconds: float, left: int | None = None) -> int | None:
         """How many plain rounds of `seconds` each may run, from now, before `must_draft`
         holds again (at least 1; None: never, when plain rounds take no time but a probe
-        does). The loop runs that many in one burst (`smc.plain_burst`)."""
+        does, or when the probe would come with fewer than `LATE_PROBE` of `left` tokens
+        left). The loop runs that many in one burst (`smc.plain_burst`)."""
         wait, factor = (2 * self.wait, 2 * self.factor) if self.probed else (self.wait, self.factor)
         rounds = max(wait - self.streak, 1)
         short = factor * probe_seconds - self.plain_seconds
@@ -367,6 +377,8 @@ class ProbeSchedule:
             if seconds <= 0:
                 return None
             rounds = max(rounds, math.ceil(short / seconds))
+        if left is not None and left - rounds < LATE_PROBE:
+            return None
         return rounds
 
     def after(self, k: int, probe: bool, seconds: float = 0.0, rounds: int = 1) -> None:

@@ -373,6 +373,11 @@ class Population:
         for state in (self.tokens, self.lengths, self.finished, self.log_weights):
             state[others] = state[source]
 
+    def particle_ess(self, live_ess: torch.Tensor) -> torch.Tensor:
+        """The ESS of each group's N particles from the ESS of its live rows: the same while
+        they are N; narrow, the one live row stands for N copies of itself (ESS N)."""
+        return live_ess * (self.n / self.width)
+
     @property
     def runners(self) -> tuple[Runner, ...]:
         """The runners whose caches hold the live rows (the draft's once prefilled)."""
@@ -735,8 +740,8 @@ _COST_CACHE_SIZE = 64
 # could not make drafting pay (`planner.drafting_can_pay`), the next run skips its first
 # probe, so a process that generates again and again with one pair does not pay a probe
 # per call for a draft that does not pay (the probe schedule still tries it later in long
-# outputs). The first rounds' plans themselves keep the usual prior (a remembered mean
-# would hold a good draft back before its own rounds are measured). Entries are keyed by
+# outputs). The plans themselves keep the usual prior: the memory decides only the first
+# probe. Entries are keyed by
 # the models' `id` and hold weak references to them: a model freed and another allocated
 # at its address does not inherit the entry (it did, in a benchmark that loads one pair
 # after another: the committed pair took the weak pair's acceptance and decoded plainly).
@@ -872,8 +877,7 @@ class _AutoState:
             # measured of this pair: no first probe; the schedule still probes later, so
             # costs measured wrongly (a loaded machine) get measured again.
             self.probes.first = False
-        late = not self.probes.first and self.left is not None and self.left < planner.LATE_PROBE
-        self.probing = self.probes.must_draft(self.probe_seconds) and not late
+        self.probing = self.probes.must_draft(self.probe_seconds, self.left)
         single = self.single_acceptance[groups]
         accept = planner.acceptance(self.accepted[1, groups], self.rejected[1, groups], single)
         accept_one = planner.acceptance(self.accepted[0, groups], self.rejected[0, groups], single)
@@ -893,9 +897,7 @@ class _AutoState:
         fewest tokens any live group has left; `most`: the most)."""
         if self.measure and "plain" not in self.costs.overhead:
             return 1  # measure a plain round's own time first (planner.CostModel.round_seconds)
-        before = self.probes.plain_rounds_before_probe(self.probe_seconds, self.plain_seconds)
-        if before is not None and most - before < planner.LATE_PROBE:
-            before = None
+        before = self.probes.plain_rounds_before_probe(self.probe_seconds, self.plain_seconds, most)
         return max(1, min(least, MAX_BURST, before or MAX_BURST))
 
     def plain_done(self, rows: int, steps: int) -> None:
@@ -926,11 +928,8 @@ class _AutoState:
 
     def remember(self) -> None:
         """At the end of a run: the per-depth acceptance of its exact walks (the planner's
-        estimate, `planner.acceptance`, mean over the prompts that ran one) becomes the
-        pair's remembered one (a run without exact rounds leaves it; one host read per run).
-        Not the mean 1 - TV over every drafted position: positions after a rejected draft
-        sit in contexts the target would not have written, where the models disagree more,
-        so that mean is far below what walks accept (0.55 against 0.9 on the committed pair)."""
+        own estimate, `planner.acceptance`, mean over the prompts that ran one) becomes the
+        pair's remembered one (a run without exact rounds leaves it; one host read per run)."""
         walked = (self.accepted + self.rejected).sum(dim=0) > 0
         if self.models is None or not bool(walked.any()):
             return
@@ -1115,7 +1114,7 @@ def plain_burst(population: Population, rules: Rules, shape: RoundShape, steps: 
     p.rounds_run[groups] += ran
     p.stats.round(groups, torch.zeros_like(shape.exact), torch.ones(live, dtype=torch.long, device=device), None,
                   plain=True, plan=(0, shape.plan.bias, shape.plan.tokens_per_s, n), rounds=ran)
-    p.stats.ess.append((groups.repeat(ran), (effective_sample_size(p.log_weights[p.rows].view(-1, n)) * (p.n / n)).repeat(ran)))
+    p.stats.ess.append((groups.repeat(ran), p.particle_ess(effective_sample_size(p.log_weights[p.rows].view(-1, n))).repeat(ran)))
     p.last_token = new[:, -1]
     p.draft_pending = torch.cat([p.draft_pending, new], dim=1)
     auto.plain_done(rows, ran)
@@ -1273,8 +1272,7 @@ def check_populations(population: Population, shape: RoundShape, settings: SMCSe
     group_lw = p.log_weights[p.rows].view(-1, n)
     dead = torch.isneginf(group_lw).all(dim=1) & ~shape.exact
     ess = effective_sample_size(group_lw)
-    # Narrow (one row per identical group, weights 0): the ESS of its N particles is N.
-    p.stats.ess.append((p.groups, ess * (population.n / n)))
+    p.stats.ess.append((p.groups, p.particle_ess(ess)))
     all_finished = p.finished[p.rows].view(-1, n).all(dim=1)
     spent = p.clock[p.groups] >= p.budget  # resampling after the last round only adds variance to the pick
     needs = (ess < settings.resample_threshold * n) & ~shape.exact & ~dead & ~all_finished & ~spent

@@ -284,3 +284,16 @@ def test_plan_runs_exact_rounds_on_one_chain_where_rows_cost():
     good = torch.full((groups,), 0.001, dtype=torch.float64)
     smc = planner.plan_round(good, accept_n, costs(1.0, 0.0, 0.05), single_accept=accept_1, **knobs)
     assert int(smc.chains) == n and int(smc.k) == 4 and not smc.exact.any()
+
+
+def test_probe_schedule_skips_probes_too_late_to_pay():
+    """A scheduled probe with fewer than LATE_PROBE tokens left is not due, and a burst that
+    would reach it runs on; the first probe is not affected."""
+    probes = planner.ProbeSchedule(wait=2, factor=0.0)
+    assert probes.must_draft(left=1)  # the first round
+    probes.after(2, probe=True)
+    probes.after(0, probe=False, rounds=4)
+    assert probes.must_draft(left=planner.LATE_PROBE) and not probes.must_draft(left=planner.LATE_PROBE - 1)
+    fresh = planner.ProbeSchedule(wait=4, factor=0.0, first=False)
+    assert fresh.plain_rounds_before_probe(0.0, 1.0, left=planner.LATE_PROBE + 4) == 4
+    assert fresh.plain_rounds_before_probe(0.0, 1.0, left=planner.LATE_PROBE + 3) is None
